@@ -1,0 +1,54 @@
+"""Shared plumbing for benchmark scripts: tables, machine description, docs/benchmarks.md sections.
+
+Each benchmark owns one section of docs/benchmarks.md between ``<!-- begin NAME -->`` and
+``<!-- end NAME -->`` markers and rewrites only that section, with the exact command, the
+machine and the date, so results from different scripts live side by side.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+CIFAR = os.path.join(SHARED, "data", "cifar10-jpeg")
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def record(name: str, title: str, body: str) -> None:
+    """Print ``body`` and write it as section ``name`` of docs/benchmarks.md with provenance."""
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"<!-- begin {name} -->\n## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
+               f"Date: {stamp}\n\n{body.strip()}\n<!-- end {name} -->")
+    print(body)
+    text = open(DOC).read() if os.path.exists(DOC) else "# Benchmarks\n\nEvery table below was written by the script named in its command line.\n"
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    tmp = DOC + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, DOC)

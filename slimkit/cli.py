@@ -1,0 +1,210 @@
+"""The ``slimkit`` command: one entry point, one subcommand per job.
+
+Every subcommand takes ``--json`` and then prints exactly one JSON object on stdout (progress
+and logs go to stderr). Bad input ends with one line ``slimkit: error: ...`` on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from .errors import SlimkitError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _log(args: argparse.Namespace) -> Callable[[str], None]:
+    stream = sys.stderr if args.json else sys.stdout
+    return lambda msg: print(msg, file=stream, flush=True)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _model(args: argparse.Namespace, num_classes: int | None = None):
+    from .models import create_model
+    from .models.registry import is_artifact_path
+
+    if is_artifact_path(args.model):
+        num_classes = None
+    return create_model(args.model, num_classes=args.num_classes or num_classes, weights=args.weights)
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> dict:
+    """Train (or fine-tune) a model and write it as an artifact."""
+    from .artifact import atomic_write_text, history, save
+    from .data import load
+    from .train import check_input, evaluate, fit
+
+    data = load(args.data, limit=args.limit, seed=args.seed)
+    model = _model(args, data.info.num_classes)
+    check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
+    run = fit(model, data.loader("train", args.batch_size, seed=args.seed), epochs=args.epochs,
+              val=data.loader("val", args.batch_size) if len(data.val) else None, optimizer=args.optimizer,
+              lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
+              checkpoint_dir=os.path.join(args.out, "checkpoints"), resume=not args.no_resume,
+              progress=not args.json)
+    test = evaluate(model, data.loader("test", args.batch_size))
+    params = {k: getattr(args, k) for k in ("epochs", "lr", "optimizer", "schedule", "weight_decay",
+                                            "batch_size", "seed")}
+    history(model).append({"stage": "train", "params": params, "metrics": {"test_top1": test["top1"]}})
+    path = save(model, os.path.join(args.out, "model.safetensors"),
+                meta={"dataset": args.data, "input_size": list(data.info.input_size),
+                      "classes": list(data.info.classes)})
+    result = {"artifact": path, "epochs": run.epochs, "test": test}
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2))
+    _log(args)(f"test top1 {test['top1']:.4f} top5 {test['top5']:.4f} (n={test['n']}); wrote {path}")
+    return result
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> dict:
+    """Top-1/top-5 accuracy of a model on a dataset split."""
+    from .data import load
+    from .train import check_input, evaluate
+
+    data = load(args.data, limit=args.limit, seed=args.seed)
+    model = _model(args)
+    split = getattr(data, args.split)
+    if not len(split):
+        raise SlimkitError(f"split {args.split!r} of {args.data} is empty")
+    loader = data.loader(args.split, args.batch_size)
+    check_input(model, next(iter(loader))[0], data.info.num_classes, f"dataset {args.data}")
+    result = evaluate(model, loader, progress=not args.json)
+    _log(args)(f"{args.split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
+               f"(n={result['n']})")
+    return {k: result[k] for k in ("top1", "top5", "n", "loss")}
+
+
+@command("info")
+def cmd_info(args: argparse.Namespace) -> dict:
+    """What a model is: spec, parameters, and for an artifact its provenance and size on disk."""
+    from .models.registry import is_artifact_path
+
+    model = _model(args)
+    params = sum(p.numel() for p in model.parameters())
+    result = {"model": args.model, "params": params, "base": getattr(model, "slimkit_base", None),
+              "history": getattr(model, "slimkit_history", []), "meta": getattr(model, "slimkit_meta", {})}
+    if is_artifact_path(args.model):
+        path = args.model if os.path.isfile(args.model) else os.path.join(args.model, "model.safetensors")
+        result["artifact_bytes"] = os.path.getsize(path)
+    log = _log(args)
+    log(f"{args.model}: {params:,} parameters, base {result['base']}")
+    for i, step in enumerate(result["history"], 1):
+        log(f"  {i}. {step.get('stage')} {step.get('params', {})} -> {step.get('metrics', {})}")
+    if "artifact_bytes" in result:
+        log(f"  size on disk: {result['artifact_bytes']:,} bytes")
+    return result
+
+
+@command("compress")
+def cmd_compress(args: argparse.Namespace) -> dict:
+    """Run a compression recipe (YAML) and write the artifact and report to --out."""
+    from .pipeline import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    return run_recipe(recipe, args.out, progress=not args.json, log=_log(args))
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """The main job on embedded data: train the digits CNN, compress it, print before/after."""
+    from .demo import run_demo
+
+    return run_demo(args.out, log=_log(args), progress=not args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimkit", description="Make trained CNNs smaller and faster, measurably.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("--threads", type=int, help="torch CPU threads")
+        return sp
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
+        sp.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
+        sp.add_argument("--num-classes", type=int)
+
+    def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
+        sp.add_argument("--data", required=required, help="digits, cifar10:PATH or imagefolder:PATH")
+        sp.add_argument("--limit", type=int, help="class-balanced subset of N per split")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--batch-size", type=int, default=128)
+
+    sp = add("demo", "train a small CNN on embedded digits and compress it")
+    sp.add_argument("--out", default="runs/demo")
+    sp = add("train", "train or fine-tune a model")
+    model_args(sp)
+    data_args(sp)
+    sp.add_argument("--epochs", type=int, default=10)
+    sp.add_argument("--lr", type=float, default=0.1)
+    sp.add_argument("--weight-decay", type=float, default=5e-4)
+    sp.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, yogi, accelegrad")
+    sp.add_argument("--schedule", default="cosine", help="cosine, onecycle, constant")
+    sp.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    sp.add_argument("--out", required=True)
+    sp = add("eval", "evaluate top-1/top-5 accuracy")
+    model_args(sp)
+    data_args(sp)
+    sp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    sp = add("info", "describe a model or artifact")
+    model_args(sp)
+    sp = add("compress", "run a compression recipe")
+    sp.add_argument("--recipe", required=True)
+    sp.add_argument("--out", required=True)
+    for extra in EXTRA_PARSERS:
+        extra(add)
+    return p
+
+
+# Later subsystems (profile, bench, report, ...) add their subcommands here.
+EXTRA_PARSERS: list[Callable] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _threads(args)
+        result = COMMANDS[args.command](args)
+    except SlimkitError as e:
+        print(f"slimkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimkit: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
