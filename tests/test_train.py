@@ -24,14 +24,15 @@ def test_resume_after_kill_is_identical(tmp_path, digits, optimizer, schedule):
     lr = {"sgd": 0.05, "yogi": 0.01, "accelegrad": 0.5, "adamw": 0.003}[optimizer]
     kwargs = dict(epochs=4, optimizer=optimizer, lr=lr, schedule=schedule, seed=3, progress=False)
 
-    full = create_model("digits_cnn")
     torch.manual_seed(0)
+    full = create_model("digits_cnn")
     full_log = fit(full, digits.loader("train", 64, seed=3), checkpoint_dir=str(tmp_path / "full"), **kwargs)
 
     def kill_after_two(epoch, record):
         if epoch == 2:
             raise Killed
 
+    torch.manual_seed(0)
     part = create_model("digits_cnn")
     with pytest.raises(Killed):
         fit(part, digits.loader("train", 64, seed=3), checkpoint_dir=str(tmp_path / "part"),
