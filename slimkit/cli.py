@@ -131,6 +131,93 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     return run_recipe(recipe, args.out, progress=not args.json, log=_log(args))
 
 
+def _input_size(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise SlimkitError(f"--input-size must look like 3,32,32, got {text!r}") from None
+    if len(size) != 3 or min(size) < 1:
+        raise SlimkitError(f"--input-size must be three positive numbers C,H,W, got {text!r}")
+    return size
+
+
+@command("profile")
+def cmd_profile(args: argparse.Namespace) -> dict:
+    """Parameters, MACs, other ops, peak activation memory, weight bytes and energy, per layer."""
+    import torch
+
+    from .models import model_input_size
+    from .models.registry import is_artifact_path
+    from .profile import profile
+
+    model = _model(args)
+    size = _input_size(args.input_size) or model_input_size(model, args.model)
+    prof = profile(model, torch.zeros(1, *size))
+    result = prof.to_dict()
+    if is_artifact_path(args.model):
+        path = args.model if os.path.isfile(args.model) else os.path.join(args.model, "model.safetensors")
+        result["artifact_bytes"] = os.path.getsize(path)
+    if args.plot:
+        from .report import layer_latency, plot_layers
+
+        latency = layer_latency(model, torch.zeros(1, *size))
+        result["plot"] = plot_layers(result["layers"], args.plot, latency, title=f"{args.model}: per-layer MACs and latency")
+    if not args.json:
+        print(prof.table(top=args.top))
+    return result
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> dict:
+    """Latency (median, p10/p90) and throughput per batch size and mode; interleaved with --vs."""
+    from .bench import run_bench_cli
+
+    result = run_bench_cli(args.model, vs_spec=args.vs, weights=args.weights, vs_weights=args.vs_weights,
+                           batch_sizes=args.batch_sizes, threads=args.threads, modes=args.modes,
+                           input_size=_input_size(args.input_size), repeats=args.repeats)
+    if not args.json:
+        print(result.table())
+    return result.to_dict()
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> dict:
+    """Accuracy vs MACs / measured latency plots (Canziani et al. 2016) for several models."""
+    import torch
+
+    from .bench import bench
+    from .data import load
+    from .models import create_model, model_input_size
+    from .profile import profile
+    from .report import layer_latency, plot_layers, write_report
+    from .train import check_input, evaluate
+
+    data = load(args.data, limit=args.limit, seed=args.seed)
+    entries = []
+    for spec in args.models:
+        name, _, weights = spec.partition("=")
+        model = create_model(name, weights=weights or None)
+        size = model_input_size(model, name)
+        loader = data.loader("test", args.batch_size)
+        check_input(model, next(iter(loader))[0], data.info.num_classes, f"dataset {args.data}")
+        acc = evaluate(model, loader)
+        prof = profile(model, torch.zeros(1, *size))
+        timing = bench(model, size, batch_sizes=(1,), threads=args.threads, modes=("eager",), roofline=False)
+        latency = timing.results["eager"][1]["median_ms"]
+        label = os.path.basename(name).removesuffix(".safetensors")
+        plot_layers(prof.to_dict()["layers"], os.path.join(args.out, f"layers-{label}.png"),
+                    layer_latency(model, torch.zeros(1, *size)), title=f"{label}: per-layer MACs and latency")
+        entries.append({"name": label, "spec": name, "top1": acc["top1"], "n": acc["n"], "params": prof.params,
+                        "macs": prof.macs, "latency_ms": latency})
+        _log(args)(f"{label}: top1 {acc['top1']:.4f}, params {prof.params:,}, MACs {prof.macs:,}, "
+                   f"bs1 latency {latency:.2f} ms")
+    report = write_report(entries, args.out)
+    _log(args)(f"wrote {', '.join(report['files'].values())}")
+    return report
+
+
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> dict:
     """The main job on embedded data: train the digits CNN, compress it, print before/after."""
@@ -181,13 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("compress", "run a compression recipe")
     sp.add_argument("--recipe", required=True)
     sp.add_argument("--out", required=True)
-    for extra in EXTRA_PARSERS:
-        extra(add)
+    sp = add("profile", "count parameters, MACs, memory and energy per layer")
+    model_args(sp)
+    sp.add_argument("--input-size", help="C,H,W (default: the model's own)")
+    sp.add_argument("--top", type=int, help="show only the N layers with most MACs")
+    sp.add_argument("--plot", help="also write per-layer MACs and latency bars to this PNG")
+    sp = add("bench", "measure latency and throughput")
+    model_args(sp)
+    sp.add_argument("--vs", help="second model, measured interleaved with the first")
+    sp.add_argument("--vs-weights")
+    sp.add_argument("--batch-sizes", default="1,64")
+    sp.add_argument("--modes", default="eager,torchscript", help="eager, torchscript, compile, onnxruntime")
+    sp.add_argument("--input-size", help="C,H,W (default: the model's own)")
+    sp.add_argument("--repeats", type=int, default=20)
+    sp = add("report", "accuracy vs MACs and latency plots for several models")
+    sp.add_argument("models", nargs="+", help="model specs, optionally SPEC=WEIGHTS")
+    data_args(sp)
+    sp.add_argument("--out", required=True)
     return p
-
-
-# Later subsystems (profile, bench, report, ...) add their subcommands here.
-EXTRA_PARSERS: list[Callable] = []
 
 
 def main(argv: list[str] | None = None) -> int:

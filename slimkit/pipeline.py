@@ -45,6 +45,24 @@ RECIPE_KEYS = {"model", "weights", "num_classes", "data", "limit", "seed", "batc
                "val_size", "progress"}
 
 
+# Modules that register stages when imported; loaded on first lookup so `import slimkit` stays light.
+STAGE_MODULES = ("slimkit.quant",)
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage ``name``, importing the optional stage modules on first use."""
+    if name not in STAGES:
+        import importlib
+
+        for module in STAGE_MODULES:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module:
+                    raise
+    return STAGES.get(name)
+
+
 def register_stage(name: str) -> Callable[[Stage], Stage]:
     """Register ``fn(model, ctx, **params) -> nn.Module`` as the recipe stage ``name``."""
     return STAGES.register(name)
@@ -134,7 +152,7 @@ def validate_recipe(recipe: Any, where: str = "recipe") -> dict:
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict) or "method" not in stage:
             raise SlimkitError(f"{where}: stage {i + 1} must be a mapping with a 'method'")
-        STAGES.get(stage["method"])
+        get_stage(stage["method"])
         if "finetune" in stage and not isinstance(stage["finetune"], dict):
             raise SlimkitError(f"{where}: stage {i + 1} 'finetune' must be a mapping of fit options")
     return recipe
@@ -165,7 +183,7 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
         params = {k: v for k, v in stage.items() if k not in ("method", "finetune")}
         ctx.stage_index = i
         t0 = time.perf_counter()
-        model = STAGES.get(stage["method"])(model, ctx, **params)
+        model = get_stage(stage["method"])(model, ctx, **params)
         if stage.get("finetune"):
             model = run_finetune(model, ctx, **stage["finetune"])
         metrics = measure(model, ctx)

@@ -108,9 +108,10 @@ def plot_layers(layers: Sequence[dict], path: str, latency_ms: dict[str, float] 
     if latency_ms:
         axes[1][0].bar(range(len(rows)), [latency_ms.get(l["name"], 0.0) for l in rows], color="tab:orange")
         axes[1][0].set_ylabel("latency (ms, batch 1)")
-    for (ax,) in axes:
+    for i, (ax,) in enumerate(axes):
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        # only the bottom panel carries names: rotated labels would run into the panel below
+        ax.set_xticklabels(names if i == panels - 1 else [], rotation=90, fontsize=6)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

@@ -377,11 +377,7 @@ def run_bench_cli(model_spec: str, vs_spec: str | None = None, weights: str | No
     object (``.to_dict()`` for ``--json``, ``.table()`` for text); raises :class:`SlimkitError`
     when no mode could be measured at all.
     """
-    from ..models import create_model, default_input_size
-
-    def size_of(model: nn.Module, spec: str) -> tuple[int, ...]:
-        base = getattr(model, "slimkit_base", None)
-        return tuple(default_input_size(base["spec"] if isinstance(base, dict) and base.get("spec") else spec))
+    from ..models import create_model, model_input_size as size_of
 
     model = create_model(model_spec, weights=weights)
     size = _input_size(input_size) if input_size is not None else size_of(model, model_spec)

@@ -144,6 +144,15 @@ def default_input_size(spec: str) -> tuple[int, int, int]:
     return (3, 224, 224)
 
 
+def model_input_size(model: nn.Module, spec: str | None = None) -> tuple[int, int, int]:
+    """The (C, H, W) input of a built model: what its artifact recorded, else its base spec's default."""
+    meta = getattr(model, "slimkit_meta", None) or {}
+    if meta.get("input_size"):
+        return tuple(meta["input_size"])
+    base = getattr(model, "slimkit_base", None) or {}
+    return default_input_size(base.get("spec") or spec or "")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read tensors from a safetensors file or a torch checkpoint, never unpickling code.
 
