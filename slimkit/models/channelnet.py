@@ -102,7 +102,11 @@ class ChannelNetV1(nn.Module):
 
 @register_model("channelnet_v1", input_size=(3, 224, 224), num_classes=1000)
 def channelnet_v1(num_classes: int = 1000, **kwargs) -> ChannelNetV1:
-    """ChannelNet-v1 for ImageNet 224 (Gao et al. 2018, Table 3: 3.7M parameters, 407M FLOPs)."""
+    """ChannelNet-v1 for ImageNet 224 (Gao et al. 2018, Table 3: 3.7M parameters, 407M FLOPs).
+
+    Built from the released layer table, this counts 3.88M parameters and 535M MACs; see
+    docs/zoo.md for why it differs from the paper's figures.
+    """
     return ChannelNetV1(num_classes, **kwargs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # bars in a log file are noise
         return iterable
     from tqdm.auto import tqdm
 
