@@ -8,6 +8,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -226,6 +227,13 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     return run_demo(args.out, log=_log(args), progress=not args.json)
 
 
+# Compression families bring their own arguments and command function: (module, add_args, run, help).
+PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "transform": ("slimkit.transform.cli", "add_transform_args", "cli_transform",
+                  "replace layers by efficient modules (depthwise-separable, factorised, bottleneck, ...)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimkit", description="Make trained CNNs smaller and faster, measurably.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -281,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--modes", default="eager,torchscript", help="eager, torchscript, compile, onnxruntime")
     sp.add_argument("--input-size", help="C,H,W (default: the model's own)")
     sp.add_argument("--repeats", type=int, default=20)
+    for name, (module, add_args, run, help) in PLUGIN_COMMANDS.items():
+        mod = importlib.import_module(module)
+        getattr(mod, add_args)(add(name, help))
+        COMMANDS[name] = getattr(mod, run)
     sp = add("report", "accuracy vs MACs and latency plots for several models")
     sp.add_argument("models", nargs="+", help="model specs, optionally SPEC=WEIGHTS")
     data_args(sp)

@@ -46,7 +46,7 @@ RECIPE_KEYS = {"model", "weights", "num_classes", "data", "limit", "seed", "batc
 
 
 # Modules that register stages when imported; loaded on first lookup so `import slimkit` stays light.
-STAGE_MODULES = ("slimkit.quant",)
+STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune")
 
 
 def get_stage(name: str) -> Stage:
@@ -79,7 +79,8 @@ class Context:
     device: str = "cpu"
     progress: bool = True
     stage_index: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # what the running stage wants kept in its provenance record (e.g. which layers it replaced)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def stage_dir(self, name: str) -> str:
         path = os.path.join(self.out_dir, "stages", f"{self.stage_index:02d}-{name}")
@@ -181,7 +182,7 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
     log(f"input: {_fmt(steps[0]['metrics'])}")
     for i, stage in enumerate(recipe.get("stages") or [], start=1):
         params = {k: v for k, v in stage.items() if k not in ("method", "finetune")}
-        ctx.stage_index = i
+        ctx.stage_index, ctx.details = i, {}
         t0 = time.perf_counter()
         model = get_stage(stage["method"])(model, ctx, **params)
         if stage.get("finetune"):
@@ -189,6 +190,8 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
         metrics = measure(model, ctx)
         record = {"stage": stage["method"], "params": params, "finetune": stage.get("finetune"),
                   "seconds": time.perf_counter() - t0, "metrics": metrics}
+        if ctx.details:
+            record["details"] = ctx.details
         history(model).append(record)
         steps.append(record)
         log(f"{i}. {stage['method']}: {_fmt(metrics)}")

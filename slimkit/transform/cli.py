@@ -1,0 +1,127 @@
+"""``slimkit transform``: replace layers by efficient modules and report parameters and MACs before and after.
+
+Wiring into ``slimkit/cli.py`` (whose ``add`` helper already provides ``--json``/``--threads``)::
+
+    sp = add("transform", "replace layers by efficient modules (depthwise-separable, factorised, ...)")
+    add_transform_args(sp)
+    COMMANDS["transform"] = cli_transform
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..errors import SlimkitError
+
+
+def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``slimkit transform MODEL [--weights W] --method NAME [--layers a,b] --out DIR``.
+
+    Transform options are ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as
+    text), e.g. ``--opt groups=4``. ``--json`` and ``--threads`` are added only when missing.
+    """
+    from .methods import TRANSFORMS
+
+    have = parser._option_string_actions  # argparse has no public "has option" query
+    parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
+    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
+    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--method", required=True, choices=TRANSFORMS.names(), help="the transform")
+    parser.add_argument("--layers", default="all eligible", help="comma-separated module names (default: all eligible)")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a transform option")
+    parser.add_argument("--data", help="dataset spec for activation sampling (without: weight-only init)")
+    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-batches", type=int, default=4, help="training batches whose activations are sampled")
+    parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's own)")
+    parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
+    if "--json" not in have:
+        parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if "--threads" not in have:
+        parser.add_argument("--threads", type=int, help="torch CPU threads")
+    return parser
+
+
+def _options(pairs: list[str]) -> dict:
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SlimkitError(f"--opt expects KEY=VALUE, got {pair!r}")
+        try:
+            opts[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.replace("-", "_")] = value
+    return opts
+
+
+def cli_transform(args: argparse.Namespace) -> dict:
+    """Apply one transform to a model, write ``OUT/model.safetensors`` and return what changed.
+
+    Layers are replaced by :func:`slimkit.transform.apply_transform` (the transforms of Howard et
+    al. 2017, Szegedy et al. 2016, Zhang et al. 2018, He et al. 2016, Lin et al. 2014 and Gao et
+    al. 2018), initialised on activations of ``--num-batches`` training batches when ``--data``
+    is given and by weight-only closed forms otherwise; the result holds the replaced and
+    skipped layers and the profiler's parameters and MACs before and after.
+    """
+    import torch
+
+    from ..artifact import atomic_write_text, save
+    from ..models import create_model, model_input_size
+    from ..models.registry import is_artifact_path
+    from ..profile import profile
+    from . import apply_transform
+
+    log_stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    opts = _options(args.opt)
+    data, loader = None, None
+    if args.data:
+        from ..data import load
+
+        data = load(args.data, limit=args.limit, seed=args.seed)
+    num_classes = args.num_classes or (data.info.num_classes if data else None)
+    if is_artifact_path(args.model):
+        num_classes = None
+    model = create_model(args.model, num_classes=num_classes, weights=args.weights).cpu().eval()
+    if data is not None:
+        size = tuple(data.info.input_size)
+        loader = data.loader("train", args.batch_size, seed=args.seed)
+        from ..train import check_input
+
+        check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
+    elif args.input_size:
+        size = tuple(int(v) for v in args.input_size.split(","))
+    else:
+        size = tuple(model_input_size(model, args.model))
+    example = torch.zeros(1, *size)
+    before = profile(model, example)
+    apply_transform(model, args.method, args.layers, example_input=example, calib_loader=loader,
+                    num_batches=args.num_batches, **opts)
+    after = profile(model, example)
+    rec = model.slimkit_last_transform
+    meta = {"input_size": list(size)}
+    if data is not None:
+        meta.update(dataset=args.data, classes=list(data.info.classes))
+    path = save(model, os.path.join(args.out, "model.safetensors"), meta=meta)
+    result = {"artifact": path, "model": args.model, "method": args.method, "params": rec["params"],
+              "replaced": rec["replaced"], "skipped": rec["skipped"], "calibration_images": rec["calibration_images"],
+              "before": {"params": before.params, "macs": before.macs},
+              "after": {"params": after.params, "macs": after.macs},
+              "macs_ratio": after.macs / max(before.macs, 1), "params_ratio": after.params / max(before.params, 1)}
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2))
+    print(f"{args.method}: replaced {len(rec['replaced'])} layer(s), skipped {len(rec['skipped'])}; params "
+          f"{before.params:,} -> {after.params:,}, MACs {before.macs:,} -> {after.macs:,} "
+          f"(x{result['macs_ratio']:.3f}); wrote {path}", file=log_stream, flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run ``cli_transform`` from a command line (for use before it is wired into ``slimkit``)."""
+    parser = add_transform_args(argparse.ArgumentParser(prog="slimkit transform"))
+    return cli_transform(parser.parse_args(argv))
