@@ -234,11 +234,12 @@ def test_recipe_stage_fits_on_train_batches():
     assert not getattr(model, "slimkit_history", [])  # the pipeline records the stage itself
 
 
-def test_cli_transform_writes_artifact_and_reports_macs(tmp_path):
-    from slimkit.transform.cli import main
+def test_cli_transform_writes_artifact_and_reports_macs(tmp_path, capsys):
+    from slimkit.cli import main
 
-    result = main(["resnet20", "--method", "grouped_shuffle", "--opt", "groups=2", "--layers",
-                   "layer1.0.conv1,layer1.0.conv2", "--out", str(tmp_path), "--json"])
+    assert main(["transform", "resnet20", "--method", "grouped_shuffle", "--opt", "groups=2", "--layers",
+                 "layer1.0.conv1,layer1.0.conv2", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in result["replaced"]] == ["layer1.0.conv1", "layer1.0.conv2"]
     assert result["before"]["macs"] - result["after"]["macs"] == 2 * (32 * 32 * 9 * 16 * 16) // 2
     loaded = slimkit.load(os.path.join(tmp_path, "model.safetensors"))

@@ -1,10 +1,6 @@
 """``slimkit transform``: replace layers by efficient modules and report parameters and MACs before and after.
 
-Wiring into ``slimkit/cli.py`` (whose ``add`` helper already provides ``--json``/``--threads``)::
-
-    sp = add("transform", "replace layers by efficient modules (depthwise-separable, factorised, ...)")
-    add_transform_args(sp)
-    COMMANDS["transform"] = cli_transform
+Wired into ``slimkit/cli.py`` through its ``PLUGIN_COMMANDS`` table.
 """
 
 from __future__ import annotations
@@ -21,11 +17,10 @@ def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Add the arguments of ``slimkit transform MODEL [--weights W] --method NAME [--layers a,b] --out DIR``.
 
     Transform options are ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as
-    text), e.g. ``--opt groups=4``. ``--json`` and ``--threads`` are added only when missing.
+    text), e.g. ``--opt groups=4``.
     """
     from .methods import TRANSFORMS
 
-    have = parser._option_string_actions  # argparse has no public "has option" query
     parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
     parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
     parser.add_argument("--num-classes", type=int)
@@ -39,10 +34,6 @@ def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--num-batches", type=int, default=4, help="training batches whose activations are sampled")
     parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's own)")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
-    if "--json" not in have:
-        parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    if "--threads" not in have:
-        parser.add_argument("--threads", type=int, help="torch CPU threads")
     return parser
 
 
@@ -120,8 +111,3 @@ def cli_transform(args: argparse.Namespace) -> dict:
           f"(x{result['macs_ratio']:.3f}); wrote {path}", file=log_stream, flush=True)
     return result
 
-
-def main(argv: list[str] | None = None) -> dict:
-    """Run ``cli_transform`` from a command line (for use before it is wired into ``slimkit``)."""
-    parser = add_transform_args(argparse.ArgumentParser(prog="slimkit transform"))
-    return cli_transform(parser.parse_args(argv))

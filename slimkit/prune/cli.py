@@ -1,0 +1,163 @@
+"""``slimkit prune``: structured channel pruning with measured parameters, MACs, accuracy and speed.
+
+Wired into ``slimkit/cli.py`` through its ``PLUGIN_COMMANDS`` table, which also adds ``--json`` and ``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+from ..errors import SlimkitError
+
+
+def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``slimkit prune MODEL [--weights W] --criterion NAME --target-macs F ...``.
+
+    """
+    from .importance import CRITERIA
+
+    parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
+    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
+    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--criterion", default="l1", help=f"channel importance ({', '.join(CRITERIA.names())})")
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument("--target-macs", type=float, help="keep this fraction of the original MACs (e.g. 0.5)")
+    policy.add_argument("--target-params", type=float, help="keep this fraction of the original parameters")
+    policy.add_argument("--ratio", type=float, help="uniform: remove this fraction of every group's channels")
+    parser.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (default 8)")
+    parser.add_argument("--protect", default="", help="comma-separated layer names whose shape must not change")
+    parser.add_argument("--steps", type=int, default=1, help="iterative pruning steps (fine-tuning in between)")
+    parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (accuracy, taylor, fine-tuning)")
+    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=8, help="training batches for the taylor criterion")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each) step")
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's)")
+    parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
+    return parser
+
+
+def _logger(args: argparse.Namespace) -> Callable[[str], None]:
+    import sys
+
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    return lambda msg: print(msg, file=stream, flush=True)
+
+
+def cli_prune(args: argparse.Namespace) -> dict:
+    """Prune a model's channels (criteria of Li et al. 2017, Molchanov et al. 2019, Liu et al. 2017), write ``OUT``.
+
+    Returns parameters and MACs before/after (profiler), test top-1 before/after when
+    ``--data`` is given (after the optional fine-tuning), the kept channel indices (also in
+    the artifact's meta and provenance) and the bs1/bs64 speed-up from
+    :func:`slimkit.bench.compare` (interleaved A/B, eager mode).
+    """
+    import json
+
+    import torch
+
+    from ..artifact import atomic_write_text, history, save
+    from ..models import create_model
+    from ..models.registry import is_artifact_path, model_input_size
+    from ..train import evaluate, fit
+    from .pruner import prune
+
+    from .importance import CRITERIA
+
+    CRITERIA.get(args.criterion)  # a typo fails before any data or model is loaded
+    log = _logger(args)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if args.target_macs is None and args.target_params is None and args.ratio is None:
+        raise SlimkitError("prune: give --target-macs, --target-params or --ratio")
+    data = None
+    if args.data:
+        from ..data import load
+
+        data = load(args.data, limit=args.limit, seed=args.seed)
+    needs_data = args.criterion == "taylor" or args.finetune_epochs
+    if needs_data and data is None:
+        what = "--criterion taylor" if args.criterion == "taylor" else "--finetune-epochs"
+        raise SlimkitError(f"prune: --data is needed for {what}")
+    num_classes = None if is_artifact_path(args.model) else (
+        args.num_classes or (data.info.num_classes if data else None))
+    model = create_model(args.model, num_classes=num_classes, weights=args.weights).cpu().eval()
+    if args.input_size:
+        try:
+            input_size = tuple(int(v) for v in args.input_size.split(","))
+        except ValueError:
+            raise SlimkitError(f"--input-size must be C,H,W, got {args.input_size!r}") from None
+    else:
+        input_size = tuple(data.info.input_size) if data else model_input_size(model, args.model)
+    example = torch.zeros(1, *input_size)
+    test_loader = data.loader("test", args.batch_size) if data else None
+    before = evaluate(model, test_loader) if data else None
+
+    kwargs = {}
+    if args.criterion == "taylor":
+        kwargs = {"loader": data.loader("train", args.batch_size, seed=args.seed), "batches": args.batches}
+    elif args.criterion == "random":
+        kwargs = {"seed": args.seed}
+
+    def finetune(m: torch.nn.Module, step: int) -> None:
+        if args.finetune_epochs:
+            fit(m, data.loader("train", args.batch_size, seed=args.seed + step), epochs=args.finetune_epochs,
+                lr=args.lr, seed=args.seed + step, progress=False)
+
+    t0 = time.perf_counter()
+    protect = [n for n in args.protect.split(",") if n]
+    result = prune(model, example, criterion=args.criterion, target_macs=args.target_macs,
+                   target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
+                   steps=args.steps, finetune=finetune, **kwargs)
+    pruned = result.model
+    if args.finetune_epochs:
+        finetune(pruned, args.steps)
+    pruned.eval()
+    seconds = time.perf_counter() - t0
+    after = evaluate(pruned, test_loader) if data else None
+
+    params = {"criterion": args.criterion, "target_macs": args.target_macs, "target_params": args.target_params,
+              "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
+              "finetune_epochs": args.finetune_epochs}
+    summary = result.summary()
+    metrics = {k: summary[k] for k in ("params_after", "macs_after")}
+    if after:
+        metrics["test_top1"] = after["top1"]
+    history(pruned).append({"stage": "prune", "params": params, "metrics": metrics, "kept": result.kept})
+    meta = {"input_size": list(input_size), "prune": {"params": params, "kept": result.kept}}
+    if data:
+        meta.update({"dataset": args.data, "classes": list(data.info.classes)})
+    path = save(pruned, os.path.join(args.out, "model.safetensors"), meta=meta)
+    out = {"artifact": path, "model": args.model, "criterion": args.criterion, "prune_seconds": seconds,
+           "params_before": result.params_before, "params_after": result.params_after,
+           "macs_before": result.macs_before, "macs_after": result.macs_after,
+           "macs_ratio": summary["macs_ratio"], "params_ratio": summary["params_ratio"],
+           "warnings": result.warnings, "unprunable": result.unprunable, "kept": result.kept}
+    if data:
+        out.update({"data": args.data, "test_top1_before": before["top1"], "test_top1_after": after["top1"],
+                    "top1_drop": before["top1"] - after["top1"]})
+    if not args.no_bench:
+        from ..bench import compare
+
+        cmp = compare(model, pruned, input_size, batch_sizes=(1, 64), threads=getattr(args, "threads", None),
+                      modes=("eager",), names=("original", "pruned"), roofline=False)
+        out["latency"] = {f"bs{bs}": {"original_ms": cmp.results["eager"][bs]["a"]["median_ms"],
+                                      "pruned_ms": cmp.results["eager"][bs]["b"]["median_ms"],
+                                      "speedup": 1 / cmp.ratio("eager", bs)} for bs in (1, 64)}
+        out["bench_threads"] = cmp.threads
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(out, indent=2, default=str))
+    msg = (f"params {result.params_before:,} -> {result.params_after:,}; MACs {result.macs_before:,} -> "
+           f"{result.macs_after:,} ({summary['macs_ratio']:.3f}x)")
+    if data:
+        msg += f"; test top1 {before['top1']:.4f} -> {after['top1']:.4f}"
+    if "latency" in out:
+        msg += f"; speed-up bs1 x{out['latency']['bs1']['speedup']:.2f}, bs64 x{out['latency']['bs64']['speedup']:.2f}"
+    log(msg + f"; wrote {path}")
+    return out
+

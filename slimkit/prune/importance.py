@@ -1,0 +1,171 @@
+"""Channel importance criteria, one score per channel class of a :class:`ChannelGraph`.
+
+A channel class may live in several layers at once (a residual trunk's channel is written by
+every block's last conv). Every criterion therefore scores a class by aggregating over all its
+member layers, as stated per criterion below; a class none of whose members the criterion can
+measure (for ``slimming``: no batch norm) gets ``NaN`` and is never removed.
+
+Registered in :data:`CRITERIA` (``fn(model, graph, *, loader, batches, seed, device) -> scores``):
+
+* ``l1`` / ``l2``: filter norms (Li et al., ICLR 2017, "Pruning Filters for Efficient ConvNets").
+* ``random``: uniform random scores, the control every criterion must beat.
+* ``taylor``: first-order Taylor expansion of the loss (Molchanov et al., ICLR 2017 and CVPR 2019).
+* ``slimming``: batch-norm ``|gamma|`` (Liu et al., ICCV 2017, "Learning Efficient Convolutional
+  Networks through Network Slimming"); :func:`slimming_penalty` is its L1 training term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import Registry
+from .graph import ChannelGraph
+
+Criterion = Callable[..., np.ndarray]
+CRITERIA: Registry[Criterion] = Registry("pruning criterion")
+_PRODUCERS = ("conv", "dwconv", "linear")
+
+__all__ = ["CRITERIA", "compute_importance", "slimming_penalty"]
+
+
+def _mean_over_members(graph: ChannelGraph, per_member: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    total = np.zeros(graph.num_classes)
+    count = np.zeros(graph.num_classes)
+    for cls, values in per_member:
+        np.add.at(total, cls, values)
+        np.add.at(count, cls, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _filter_norms(graph: ChannelGraph, p: int) -> np.ndarray:
+    members = []
+    for rec in graph.layers.values():
+        if rec.kind in _PRODUCERS:
+            w = rec.module.weight.detach().flatten(1)
+            norms = (w.abs().sum(1) if p == 1 else w.pow(2).sum(1).sqrt()).double().cpu().numpy()
+            # each layer's norms divided by their mean, so a 1x1 conv with 512 inputs and a 3x3
+            # depthwise filter with 9 weights count equally where they share a channel
+            members.append((rec.out_cls, norms / max(norms.mean(), 1e-12)))
+    return _mean_over_members(graph, members)
+
+
+@CRITERIA.register("l1")
+def l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
+    """L1 norm of each channel's filters (Li et al., ICLR 2017, "Pruning Filters for Efficient ConvNets").
+
+    A class's score is the mean, over the layers that produce it (convs, depthwise convs,
+    linears), of its filter's L1 norm divided by that layer's mean filter norm; with a single
+    producer this orders channels exactly as Li et al.'s ``sum |W_i|``.
+    """
+    return _filter_norms(graph, 1)
+
+
+@CRITERIA.register("l2")
+def l2_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
+    """L2 norm of each channel's filters (Li et al., ICLR 2017), aggregated as for ``l1``."""
+    return _filter_norms(graph, 2)
+
+
+@CRITERIA.register("random")
+def random_importance(model: nn.Module, graph: ChannelGraph, *, seed: int = 0, **_) -> np.ndarray:
+    """Uniform random scores (seeded): the control baseline of Li et al. 2017 and of later studies."""
+    return np.random.default_rng(seed).random(graph.num_classes)
+
+
+@CRITERIA.register("slimming")
+def slimming_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
+    """Batch-norm scale ``|gamma|`` (Liu et al., ICCV 2017, "Network Slimming").
+
+    A class's score is the mean ``|gamma|`` over every batch norm it passes through (raw, not
+    layer-normalised: Liu et al. compare scales across layers); classes without a batch norm
+    score ``NaN`` and stay. Train with :func:`slimming_penalty` first for the method as published.
+    """
+    members = [(rec.out_cls, rec.module.weight.detach().abs().double().numpy())
+               for rec in graph.layers.values() if rec.kind == "bn" and rec.module.weight is not None]
+    return _mean_over_members(graph, members)
+
+
+@CRITERIA.register("taylor")
+def taylor_importance(model: nn.Module, graph: ChannelGraph, *, loader: Iterable | None = None, batches: int = 8,
+                      device: str | torch.device = "cpu", **_) -> np.ndarray:
+    """First-order Taylor importance (Molchanov et al., ICLR 2017; CVPR 2019 "Importance Estimation").
+
+    For each minibatch the cross-entropy gradient is taken and a class's score is
+    ``(sum g * w)^2`` over *all* parameters that create the channel in every member layer
+    (producer filter rows and biases, depthwise filters, batch-norm ``gamma`` and ``beta``):
+    that sum is the first-order change of the loss when the whole class is zeroed, which is
+    what removing it does. Scores are averaged over ``batches`` minibatches of ``loader``.
+    """
+    from ..errors import SlimkitError
+
+    if loader is None:
+        raise SlimkitError("the taylor criterion needs data (a loader of (inputs, targets) batches)")
+    was = model.training
+    model.eval()  # batch statistics would make the estimate depend on the batch composition
+    total = np.zeros(graph.num_classes)
+    seen = 0
+    params = [p for p in model.parameters()]
+    grad_state = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for x, y in loader:
+                if seen >= batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                loss.backward()
+                s = np.zeros(graph.num_classes)
+                for rec in graph.layers.values():
+                    if rec.kind not in _PRODUCERS + ("bn",):
+                        continue
+                    for t in (rec.module.weight, getattr(rec.module, "bias", None)):
+                        if t is None or t.grad is None:
+                            continue
+                        gw = (t.grad * t).detach().double().reshape(t.shape[0], -1).sum(1).cpu().numpy()
+                        np.add.at(s, rec.out_cls, gw)
+                total += s ** 2
+                seen += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, r in zip(params, grad_state):
+            p.requires_grad_(r)
+        model.train(was)
+    if seen == 0:
+        raise SlimkitError("the taylor criterion got no batches from its loader")
+    return total / seen
+
+
+def compute_importance(criterion: str, model: nn.Module, graph: ChannelGraph, **kwargs) -> np.ndarray:
+    """Scores (one per channel class of ``graph``) by the registered criterion ``criterion``.
+
+    Criteria and papers: ``l1``/``l2`` (Li et al. 2017), ``taylor`` (Molchanov et al. 2017/2019),
+    ``slimming`` (Liu et al. 2017), ``random`` (control).
+
+    Higher means more important; ``NaN`` means "cannot be measured, keep". ``kwargs`` go to the
+    criterion (``loader``/``batches``/``device`` for ``taylor``, ``seed`` for ``random``).
+    """
+    return np.asarray(CRITERIA.get(criterion)(model, graph, **kwargs), dtype=np.float64)
+
+
+def slimming_penalty(strength: float = 1e-4) -> Callable[..., torch.Tensor]:
+    """The L1 sparsity term on batch-norm scales of Network Slimming (Liu et al., ICCV 2017, eq. 1).
+
+    Returns ``term(batch) -> strength * sum |gamma|`` over every batch norm of ``batch.model``,
+    the form :func:`slimkit.train.fit` takes in ``extra_losses`` (Liu et al. use 1e-4 on CIFAR).
+    """
+    def term(batch) -> torch.Tensor:
+        gammas = [m.weight.abs().sum() for m in batch.model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+        if not gammas:
+            return torch.zeros((), device=batch.logits.device)
+        return strength * torch.stack(gammas).sum()
+
+    return term
