@@ -29,7 +29,8 @@ def machine() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    load = ", load average {:.1f}/{:.1f}/{:.1f} when recorded (other jobs share this machine)".format(*os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}{load}"
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -46,7 +46,7 @@ RECIPE_KEYS = {"model", "weights", "num_classes", "data", "limit", "seed", "batc
 
 
 # Modules that register stages when imported; loaded on first lookup so `import slimkit` stays light.
-STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune")
+STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune", "slimkit.distill")
 
 
 def get_stage(name: str) -> Stage:
