@@ -229,6 +229,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 # Compression families bring their own arguments and command function: (module, add_args, run, help).
 PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "distill": ("slimkit.distill.cli", "add_distill_args", "cli_distill",
+                "train a student from a teacher (KD, AT, FitNets, FSP, FT, ONE, Moonshine, MUNGE)"),
     "prune": ("slimkit.prune.cli", "add_prune_args", "cli_prune",
               "structured pruning of filters/channels through a dependency graph"),
     "transform": ("slimkit.transform.cli", "add_transform_args", "cli_transform",

@@ -13,7 +13,8 @@ A recipe (YAML or a dict) names the model, the data and an ordered list of stage
 Every stage is a function registered with :func:`register_stage` taking ``(model, ctx, **params)``
 and returning the (possibly new) model; pruning, quantization, distillation and decomposition
 register theirs the same way. Any stage may carry ``finetune: {epochs: ..., lr: ...}`` to recover
-accuracy right after it. After each stage the pipeline evaluates on the validation split (used
+accuracy right after it, and ``finetune: {distill: kd, ...}`` makes that recovery a distillation
+with the model as it was before the stage as the teacher. After each stage the pipeline evaluates on the validation split (used
 for decisions) and the test split (reported only), counts parameters and MACs, records it all in
 the model's provenance, and finally writes the artifact and a JSON report.
 """
@@ -184,9 +185,18 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
         params = {k: v for k, v in stage.items() if k not in ("method", "finetune")}
         ctx.stage_index, ctx.details = i, {}
         t0 = time.perf_counter()
+        recovery = dict(stage.get("finetune") or {})
+        distill = recovery.pop("distill", None)
+        # the model as it was before this stage teaches the compressed one (`finetune: {distill: kd}`)
+        teacher = copy.deepcopy(model) if distill else None
         model = get_stage(stage["method"])(model, ctx, **params)
-        if stage.get("finetune"):
-            model = run_finetune(model, ctx, **stage["finetune"])
+        if distill:
+            from .distill import finetune_with_distillation
+
+            opts = recovery.pop("distill_options", {})
+            model = finetune_with_distillation(model, ctx, distill, teacher, fit_options=recovery, **opts)
+        elif recovery:
+            model = run_finetune(model, ctx, **recovery)
         metrics = measure(model, ctx)
         record = {"stage": stage["method"], "params": params, "finetune": stage.get("finetune"),
                   "seconds": time.perf_counter() - t0, "metrics": metrics}

@@ -97,3 +97,22 @@ def test_reference_resnet20_accuracy_on_cifar_jpeg_subset(capsys):
     result = json.loads(out)
     assert code == 0 and result["n"] == 2000
     assert result["top1"] >= 0.78
+
+
+def test_recipe_stage_recovers_by_distillation_from_the_pre_stage_model(capsys, tmp_path):
+    """`finetune: {distill: kd}` teaches the pruned model with the model as it was before the stage."""
+    code, out, _ = run(capsys, "train", "digits_cnn", "--data", "digits", "--epochs", "4", "--lr", "0.05",
+                       "--out", str(tmp_path / "t"), "--json")
+    artifact = json.loads(out)["artifact"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": artifact, "data": "digits", "stages": [
+        {"method": "prune", "criterion": "l1", "target_macs": 0.5, "round_to": 4,
+         "finetune": {"distill": "kd", "epochs": 1, "lr": 0.01}}]}))
+    code, out, _ = run(capsys, "compress", "--recipe", str(recipe), "--out", str(tmp_path / "c"), "--json")
+    report = json.loads(out)
+    assert code == 0
+    pruned = report["steps"][1]
+    assert pruned["metrics"]["macs"] <= 0.5 * report["steps"][0]["metrics"]["macs"]
+    assert pruned["finetune"]["distill"] == "kd" and pruned["details"]["kept"]
+    assert os.path.isdir(tmp_path / "c" / "stages" / "01-distill")
+    assert pruned["metrics"]["test_top1"] > 0.5

@@ -37,6 +37,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=8, help="training batches for the taylor criterion")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each) step")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    parser.add_argument("--distill", help="fine-tune with the unpruned model as teacher (e.g. kd, at, kd+at)")
     parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's)")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
@@ -106,9 +107,17 @@ def cli_prune(args: argparse.Namespace) -> dict:
         kwargs = {"seed": args.seed}
 
     def finetune(m: torch.nn.Module, step: int) -> None:
-        if args.finetune_epochs:
-            fit(m, data.loader("train", args.batch_size, seed=args.seed + step), epochs=args.finetune_epochs,
-                lr=args.lr, seed=args.seed + step, progress=False)
+        if not args.finetune_epochs:
+            return
+        loader = data.loader("train", args.batch_size, seed=args.seed + step)
+        if args.distill:  # recovery by distillation from the unpruned model (prune() leaves `model` untouched)
+            from ..distill import distill_terms
+
+            with distill_terms(args.distill, model, m, example) as terms:
+                fit(m, loader, epochs=args.finetune_epochs, lr=args.lr, seed=args.seed + step, progress=False,
+                    extra_losses=terms)
+        else:
+            fit(m, loader, epochs=args.finetune_epochs, lr=args.lr, seed=args.seed + step, progress=False)
 
     t0 = time.perf_counter()
     protect = [n for n in args.protect.split(",") if n]
@@ -124,7 +133,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
     params = {"criterion": args.criterion, "target_macs": args.target_macs, "target_params": args.target_params,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
-              "finetune_epochs": args.finetune_epochs}
+              "finetune_epochs": args.finetune_epochs, "distill": args.distill}
     summary = result.summary()
     metrics = {k: summary[k] for k in ("params_after", "macs_after")}
     if after:

@@ -1,0 +1,165 @@
+"""``slimkit distill``: train a student from a teacher with one of the distillation methods.
+
+Wired into ``slimkit/cli.py`` through its ``PLUGIN_COMMANDS`` table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..errors import SlimkitError
+
+
+def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``slimkit distill --teacher MODEL --student MODEL --method NAME --data SPEC --out DIR``.
+
+    Method options are ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as
+    text), e.g. ``--opt T=4 --opt alpha=0.9``.
+    """
+    from .methods import METHODS
+
+    parser.add_argument("--teacher", help="teacher: registered name, torchvision:NAME, file.py:fn or an artifact "
+                                          "(not needed for --method one; moonshine derives the student from it)")
+    parser.add_argument("--teacher-weights", help="state_dict / checkpoint / safetensors file for the teacher")
+    parser.add_argument("--student", help="student model spec (for moonshine: the model to make cheap, default "
+                                          "the teacher; for one: the CIFAR ResNet to branch)")
+    parser.add_argument("--student-weights", help="weights to start the student from")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS.names())}, or several joined "
+                                                        "by '+' (e.g. at+kd)")
+    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    parser.add_argument("--data", required=True, help="digits, cifar10:PATH or imagefolder:PATH")
+    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--optimizer", default="sgd")
+    parser.add_argument("--schedule", default="cosine")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--groups", type=int, default=4, help="moonshine: groups of the cheap convolutions")
+    parser.add_argument("--branches", type=int, default=3, help="one: number of branches")
+    parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
+    return parser
+
+
+def _options(pairs: list[str]) -> dict:
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SlimkitError(f"--opt expects KEY=VALUE, got {pair!r}")
+        try:
+            opts[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.replace("-", "_")] = value
+    return opts
+
+
+def cli_distill(args: argparse.Namespace) -> dict:
+    """Distill ``--teacher`` into ``--student`` on ``--data``, write ``OUT/model.safetensors`` and return test top-1 of both.
+
+    The loss is cross-entropy plus the terms of :func:`slimkit.distill.distill_terms` for
+    ``--method`` (Hinton et al. 2015, Ba & Caruana 2014, Romero et al. 2015, Zagoruyko &
+    Komodakis 2017, Yim et al. 2017, Kim et al. 2018, Lan et al. 2018, Crowley et al. 2018,
+    Bucila et al. 2006: see docs/distill.md). ``moonshine`` builds the student from the
+    teacher (or ``--student``) with cheap convolutions; ``one`` trains a multi-branch network
+    of ``--student`` without a teacher and keeps its best branch on the validation split;
+    ``munge`` trains on the train split plus MUNGE samples, all labelled by the teacher.
+    """
+    import torch
+
+    from ..artifact import atomic_write_text, history, save
+    from ..data import load
+    from ..models import create_model
+    from ..models.registry import is_artifact_path
+    from ..train import check_input, evaluate, fit
+    from . import METHODS, OneNetwork, distill_terms, moonshine_student, munge_loader
+
+    log_stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    names = args.method.split("+")
+    for n in names:
+        METHODS.get(n)
+    opts = _options(args.opt)
+    data = load(args.data, limit=args.limit, seed=args.seed)
+    nc = data.info.num_classes
+    what = f"dataset {args.data}"
+    test_loader = data.loader("test", args.batch_size)
+    example = next(iter(data.loader("train", 2, shuffle=False, augment=False)))[0]
+
+    def build(spec: str, weights: str | None):
+        return create_model(spec, num_classes=None if is_artifact_path(spec) else nc, weights=weights)
+
+    teacher, teacher_test = None, None
+    if "one" in names:
+        if names != ["one"]:
+            raise SlimkitError("--method one is its own teacher and does not combine with other methods")
+        spec = args.student or args.teacher
+        if not spec:
+            raise SlimkitError("--method one needs --student (a CIFAR ResNet spec such as resnet20)")
+        base = build(spec, args.student_weights)
+        check_input(base, example, nc, what)
+        student = OneNetwork.from_model(base, args.branches) if args.student_weights else \
+            OneNetwork(spec, args.branches, num_classes=None if is_artifact_path(spec) else nc, base=base)
+    else:
+        if not args.teacher:
+            raise SlimkitError(f"--method {args.method} needs --teacher")
+        teacher = build(args.teacher, args.teacher_weights)
+        check_input(teacher, example, nc, what)
+        teacher_test = evaluate(teacher, test_loader)
+        if "moonshine" in names:
+            source = build(args.student, args.student_weights) if args.student else teacher
+            student = moonshine_student(source, args.groups, opts.pop("init", "teacher"))
+        else:
+            if not args.student:
+                raise SlimkitError(f"--method {args.method} needs --student")
+            student = build(args.student, args.student_weights)
+        check_input(student, example, nc, what)
+
+    loader = data.loader("train", args.batch_size, seed=args.seed)
+    if "ft" in names:
+        opts.setdefault("loader", loader)
+    if "munge" in names:
+        defaults = METHODS.get("munge").defaults
+        mopts = {k: opts.get(k, defaults[k]) for k in ("multiplier", "p", "s", "pool")}
+        loader = munge_loader(teacher, data.loader("train", 512, shuffle=False, augment=False),
+                              batch_size=args.batch_size, seed=args.seed, **mopts)
+    with distill_terms(args.method, teacher, student, example, **opts) as terms:
+        run = fit(student, loader, epochs=args.epochs, val=data.loader("val", args.batch_size) if len(data.val) else None,
+                  optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                  seed=args.seed, extra_losses=terms, checkpoint_dir=os.path.join(args.out, "checkpoints"),
+                  progress=not args.json)
+    result: dict = {"method": args.method, "teacher": args.teacher, "student": args.student, "epochs": run.epochs}
+    if "one" in names:
+        result["ensemble_test"] = evaluate(student, test_loader)
+        split = "val" if len(data.val) else "train"
+        scores = [evaluate(student.extract(i), data.loader(split, args.batch_size, shuffle=False, augment=False))["top1"]
+                  for i in range(len(student.branches))]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        result.update(branch_top1=scores, kept_branch=best)
+        student = student.extract(best)
+        student.slimkit_history = []
+    if "moonshine" in names:
+        result["moonshine"] = student.slimkit_last_moonshine
+    student_test = evaluate(student, test_loader)
+    params = {"method": args.method, "teacher": args.teacher, "teacher_weights": args.teacher_weights,
+              "epochs": args.epochs, "lr": args.lr, **{k: v for k, v in opts.items() if k != "loader"}}
+    history(student).append({"stage": "distill", "params": params,
+                             "metrics": {"test_top1": student_test["top1"],
+                                         "teacher_test_top1": teacher_test["top1"] if teacher_test else None}})
+    path = save(student, os.path.join(args.out, "model.safetensors"),
+                meta={"dataset": args.data, "input_size": list(data.info.input_size),
+                      "classes": list(data.info.classes)})
+    result.update(artifact=path, teacher_test=teacher_test, student_test=student_test,
+                  teacher_top1=teacher_test["top1"] if teacher_test else None, student_top1=student_test["top1"],
+                  teacher_params=sum(p.numel() for p in teacher.parameters()) if teacher is not None else None,
+                  student_params=sum(p.numel() for p in student.parameters()))
+    atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2, default=str))
+    t = f"{teacher_test['top1']:.4f}" if teacher_test else "-"
+    print(f"{args.method}: teacher test top1 {t}, student test top1 {student_test['top1']:.4f}; wrote {path}",
+          file=log_stream, flush=True)
+    return result
