@@ -62,7 +62,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
     from .data import load
     from .train import check_input, evaluate, fit
 
+    from .train import seed_everything
+
     data = load(args.data, limit=args.limit, seed=args.seed)
+    seed_everything(args.seed)  # the initial weights are part of the run: same seed, same model
     model = _model(args, data.info.num_classes)
     check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
     run = fit(model, data.loader("train", args.batch_size, seed=args.seed), epochs=args.epochs,

@@ -16,7 +16,7 @@ from .artifact import atomic_write_text, history, save
 from .data import load
 from .models import create_model
 from .pipeline import run_recipe
-from .train import evaluate, fit
+from .train import evaluate, fit, seed_everything
 
 DEMO_RECIPE = {
     "data": "digits",
@@ -32,6 +32,7 @@ def run_demo(out_dir: str = "runs/demo", *, epochs: int = 30, log: Callable[[str
              progress: bool = True) -> dict:
     """Train, compress and report on digits; returns the report also written to ``out_dir``."""
     data = load("digits", seed=0)
+    seed_everything(0)
     model = create_model("digits_cnn", num_classes=data.info.num_classes)
     log(f"training digits_cnn on digits ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test)")
     fit(model, data.loader("train", 64, seed=0), epochs=epochs, lr=0.05, weight_decay=5e-4, seed=0,

@@ -52,11 +52,11 @@ def test_recipe_errors_name_the_problem(capsys, tmp_path):
 
 
 def test_train_eval_info_compress_json(capsys, tmp_path):
-    code, out, _ = run(capsys, "train", "digits_cnn", "--data", "digits", "--epochs", "3", "--lr", "0.05",
+    code, out, _ = run(capsys, "train", "digits_cnn", "--data", "digits", "--epochs", "6", "--lr", "0.1",
                        "--out", str(tmp_path / "t"), "--json")
     assert code == 0
     trained = json.loads(out)
-    assert len(trained["epochs"]) == 3 and trained["test"]["top1"] > 0.8
+    assert len(trained["epochs"]) == 6 and trained["test"]["top1"] > 0.8
     artifact = trained["artifact"]
 
     code, out, _ = run(capsys, "eval", artifact, "--data", "digits", "--json")
@@ -101,7 +101,7 @@ def test_reference_resnet20_accuracy_on_cifar_jpeg_subset(capsys):
 
 def test_recipe_stage_recovers_by_distillation_from_the_pre_stage_model(capsys, tmp_path):
     """`finetune: {distill: kd}` teaches the pruned model with the model as it was before the stage."""
-    code, out, _ = run(capsys, "train", "digits_cnn", "--data", "digits", "--epochs", "4", "--lr", "0.05",
+    code, out, _ = run(capsys, "train", "digits_cnn", "--data", "digits", "--epochs", "6", "--lr", "0.1",
                        "--out", str(tmp_path / "t"), "--json")
     artifact = json.loads(out)["artifact"]
     recipe = tmp_path / "r.yaml"
@@ -115,4 +115,5 @@ def test_recipe_stage_recovers_by_distillation_from_the_pre_stage_model(capsys, 
     assert pruned["metrics"]["macs"] <= 0.5 * report["steps"][0]["metrics"]["macs"]
     assert pruned["finetune"]["distill"] == "kd" and pruned["details"]["kept"]
     assert os.path.isdir(tmp_path / "c" / "stages" / "01-distill")
-    assert pruned["metrics"]["test_top1"] > 0.5
+    assert report["steps"][0]["metrics"]["test_top1"] > 0.9
+    assert pruned["metrics"]["test_top1"] > 0.75  # one epoch of KD recovers most of a 2x MAC cut
