@@ -1,0 +1,365 @@
+"""Post-training static int8 quantization with torch.ao FX graph mode on the x86 backend.
+
+Flow (Jacob et al. 2018, integer-only inference; recipe of Krishnamoorthi 2018): trace the
+float model, fold batch norm into the preceding convolution and fuse conv-BN-ReLU, insert
+observers, run calibration batches, then convert to the ``torch.ao.nn.quantized`` modules and
+``quantized::`` ops that run fbgemm/oneDNN int8 kernels. Weights are per-output-channel
+symmetric int8 (restricted range [-127, 127]), activations per-tensor affine uint8. Residual
+additions become ``quantized::add_relu``, which requantizes both inputs to the output scale; the
+option-A shortcut (stride slice + zero channel padding) shares its input's quantization
+parameters, so the padded zeros are exactly the zero point and the shortcut path is lossless.
+
+The converted model is wrapped in :class:`QuantizedModel`, which stores its quantized state as
+plain tensors (int8 values plus scales and zero points) so it is a normal slimkit artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
+from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig, ObservationType
+from torch.ao.quantization.backend_config.x86 import get_x86_backend_config, x86_default_op_quint8_dtype_config
+from torch.ao.quantization.observer import PerChannelMinMaxObserver
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx
+
+from ..artifact import _rebuild, describe, register_module
+from ..errors import SlimkitError
+from .observers import OBSERVERS
+
+_QUIET = (r".*torch\.ao\.quantization is deprecated.*", r".*quantized tensor creation functions.*",
+          r".*reduce_range will be deprecated.*", r".*must run observer before calling calculate_qparams.*")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch.ao's deprecation notices within the block.
+
+    They point to torchao, which is not a dependency; the FX flow is what runs real int8
+    kernels in this torch (see docs/quant.md).
+    """
+    with warnings.catch_warnings():
+        for pattern in _QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
+
+ENGINE = "x86"
+QUANTIZED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def default_reduce_range() -> bool:
+    """7-bit activations where u8*s8 products could saturate int16 (AVX2 without VNNI), else 8-bit."""
+    return not _has_vnni()
+
+
+def backend_config() -> BackendConfig:
+    """torch's x86 backend config plus the option-A shortcut ops as qparam-sharing ops.
+
+    Slicing and zero padding do not change the values they keep, so their output shares the
+    input's observer; the zeros they add are then exactly the zero point (no extra rounding).
+    """
+    bc = get_x86_backend_config()
+    for op in (torch.nn.functional.pad, operator.getitem):
+        bc.set_backend_pattern_config(BackendPatternConfig(op)
+                                      .set_observation_type(ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT)
+                                      .set_dtype_configs([x86_default_op_quint8_dtype_config]))
+    return bc
+
+
+def make_qconfig(observer: str = "minmax", reduce_range: bool | None = None,
+                 observer_kwargs: dict | None = None) -> QConfig:
+    """The QConfig: ``observer`` (a name in OBSERVERS) on activations, per-channel min/max on weights."""
+    cls = OBSERVERS.get(observer)
+    if reduce_range is None:
+        reduce_range = default_reduce_range()
+    act = cls.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
+                        quant_max=127 if reduce_range else 255, **(observer_kwargs or {}))
+    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                quant_min=-127, quant_max=127)
+    return QConfig(activation=act, weight=weight)
+
+
+def make_qconfig_mapping(qconfig: QConfig | None, keep_float: Iterable[str] = ()) -> QConfigMapping:
+    """torch's x86 default mapping with ``qconfig`` as global and ``keep_float`` modules set to None."""
+    mapping = get_default_qconfig_mapping(ENGINE)
+    default = mapping.global_qconfig
+    mapping.set_global(qconfig)
+    for key, value in list(mapping.object_type_qconfigs.items()):
+        if value is default:
+            mapping.set_object_type(key, qconfig)
+    for name in keep_float:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Fold BN into conv and fuse conv-BN-ReLU (eval mode), as FX prepare does (Jacob et al. 2018)."""
+    model = copy.deepcopy(model).eval()
+    with quiet():
+        return fuse_fx(model, backend_config=backend_config())
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the conv/linear layers that get int8 weights, in module order (the guard's unit)."""
+    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+
+
+def _batches(loader: Iterable, num_batches: int | None) -> Iterable[torch.Tensor]:
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def calibrate(model: nn.Module, calib_loader: Iterable, observer: str = "minmax", num_batches: int | None = None,
+              reduce_range: bool | None = None, observer_kwargs: dict | None = None) -> nn.Module:
+    """Trace, fuse and observe ``model`` on calibration batches; returns the prepared GraphModule.
+
+    Post-training static calibration as in Krishnamoorthi 2018: activation ranges come
+    from ``observer`` run over ``num_batches`` batches of ``calib_loader`` (all when None), weight
+    ranges from the weights themselves. The input model is not modified.
+    """
+    torch.backends.quantized.engine = ENGINE
+    qconfig = make_qconfig(observer, reduce_range, observer_kwargs)
+    float_model = copy.deepcopy(model).cpu().eval()
+    batches = iter(_batches(calib_loader, num_batches))
+    first = next(batches, None)
+    if first is None:
+        raise SlimkitError("calibration data is empty")
+    first = first.cpu()
+    example = first[:1]
+    with quiet():
+        prepared = prepare_fx(float_model, make_qconfig_mapping(qconfig), (example,), backend_config=backend_config())
+    with torch.inference_mode():
+        prepared(first)
+        for x in batches:
+            prepared(x.cpu())
+    prepared.slimkit_recipe = {"observer": observer, "observer_kwargs": dict(observer_kwargs or {}),
+                               "reduce_range": default_reduce_range() if reduce_range is None else bool(reduce_range),
+                               "input_shape": list(example.shape[1:])}
+    return prepared
+
+
+def convert(prepared: nn.Module, keep_float: Iterable[str] = (),
+            float_model: nn.Module | None = None) -> "QuantizedModel":
+    """Convert a calibrated model to int8 kernels, leaving the layers in ``keep_float`` in float.
+
+    The conversion (Jacob et al. 2018) is deterministic: the same calibrated observers always
+    give the same int8 weights and requantization parameters. ``prepared`` is not modified.
+    ``float_model`` (the model given to :func:`calibrate`) is recorded so an artifact can
+    rebuild the structure.
+    """
+    torch.backends.quantized.engine = ENGINE
+    keep_float = list(keep_float)
+    recipe = dict(prepared.slimkit_recipe, keep_float=keep_float)
+    mapping = make_qconfig_mapping(make_qconfig(recipe["observer"], recipe["reduce_range"],
+                                                recipe["observer_kwargs"]), keep_float)
+    with quiet():
+        converted = convert_fx(copy.deepcopy(prepared), qconfig_mapping=mapping, backend_config=backend_config())
+    return QuantizedModel(converted, recipe, float_model)
+
+
+def fake_quant(prepared: nn.Module, keep_float: Iterable[str] = ()) -> nn.Module:
+    """The float simulation of :func:`convert`: every int8 tensor as quantize-dequantize in float.
+
+    This is torch's reference representation (simulated quantization, Krishnamoorthi 2018): the
+    same scales and zero points, but float kernels, so it separates kernel effects from
+    quantization error.
+    """
+    recipe = prepared.slimkit_recipe
+    mapping = make_qconfig_mapping(make_qconfig(recipe["observer"], recipe["reduce_range"],
+                                                recipe["observer_kwargs"]), keep_float)
+    with quiet():
+        return convert_to_reference_fx(copy.deepcopy(prepared), qconfig_mapping=mapping,
+                                       backend_config=backend_config())
+
+
+def quantize(model: nn.Module, calib_loader: Iterable, observer: str = "minmax", num_batches: int | None = None,
+             keep_float: Iterable[str] = (), *, max_drop: float | None = None, val_loader: Iterable | None = None,
+             reduce_range: bool | None = None, observer_kwargs: dict | None = None,
+             log: Callable[[str], None] | None = None) -> "QuantizedModel":
+    """Post-training static int8 quantization of ``model`` (Jacob et al. 2018; Krishnamoorthi 2018).
+
+    Calibrates activation ranges with ``observer`` (see :data:`OBSERVERS`) on ``num_batches``
+    batches of ``calib_loader``, keeps the layers named in ``keep_float`` in float, and converts
+    the rest to int8 kernels. With ``max_drop`` and ``val_loader``, the accuracy guard
+    (:func:`slimkit.quant.guard.guard`, partial quantization of Wu et al. 2020) additionally
+    keeps the most sensitive layers in float until the validation top-1 drop is at most
+    ``max_drop``; the layers kept in float are in ``result.keep_float``, the search in
+    ``result.guard``.
+    """
+    keep_float = list(keep_float)
+    unknown = [n for n in keep_float if n not in dict(model.named_modules())]
+    if unknown:
+        raise SlimkitError(f"keep_float: no layer named {unknown} (quantizable layers: {quantizable_layers(model)})")
+    prepared = calibrate(model, calib_loader, observer, num_batches, reduce_range, observer_kwargs)
+    if max_drop is not None:
+        if val_loader is None:
+            raise SlimkitError("quantize: max_drop needs a val_loader")
+        from .guard import guard
+
+        return guard(model, prepared, val_loader, max_drop, keep_float=keep_float, log=log)
+    return convert(prepared, keep_float, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact: quantized state as plain tensors.
+
+_SEP = ".__q"  # suffix marker of the helper entries; a real parameter name never contains it
+_DTYPES = [torch.qint8, torch.quint8, torch.qint32, torch.float32, torch.float16, torch.int8, torch.uint8]
+
+
+def _encode(key: str, value: Any, out: dict[str, torch.Tensor]) -> None:
+    # quantized tensors, packed-param tuples and dtypes are not safetensors-storable; store
+    # the exact integer values and the float64 scales so decoding rebuilds them bit for bit.
+    if isinstance(value, torch.Tensor) and value.is_quantized:
+        out[key] = value.int_repr()
+        out[key + _SEP + "dtype"] = torch.tensor(_DTYPES.index(value.dtype))
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            out[key + _SEP + "scales"] = value.q_per_channel_scales().double()
+            out[key + _SEP + "zps"] = value.q_per_channel_zero_points().long()
+            out[key + _SEP + "axis"] = torch.tensor(value.q_per_channel_axis())
+        else:
+            out[key + _SEP + "scale"] = torch.tensor(value.q_scale(), dtype=torch.float64)
+            out[key + _SEP + "zp"] = torch.tensor(value.q_zero_point())
+    elif isinstance(value, tuple):
+        out[key + _SEP + "len"] = torch.tensor(len(value))
+        for i, v in enumerate(value):
+            if v is not None:
+                _encode(f"{key}{_SEP}{i}", v, out)
+    elif isinstance(value, torch.dtype):
+        out[key + _SEP + "torchdtype"] = torch.tensor(_DTYPES.index(value))
+    elif isinstance(value, torch.Tensor):
+        out[key] = value
+    else:
+        raise SlimkitError(f"cannot store quantized state entry {key!r} of type {type(value).__name__}")
+
+
+def _decode(key: str, state: dict) -> Any:
+    if key + _SEP + "torchdtype" in state:
+        return _DTYPES[int(state.pop(key + _SEP + "torchdtype"))]
+    if key + _SEP + "len" in state:
+        n = int(state.pop(key + _SEP + "len"))
+        return tuple(_decode(f"{key}{_SEP}{i}", state) for i in range(n))
+    if key + _SEP + "dtype" in state:
+        dtype = _DTYPES[int(state.pop(key + _SEP + "dtype"))]
+        ints = state.pop(key)
+        if key + _SEP + "axis" in state:
+            scales, zps = state.pop(key + _SEP + "scales"), state.pop(key + _SEP + "zps")
+            return torch._make_per_channel_quantized_tensor(ints, scales, zps, int(state.pop(key + _SEP + "axis")))
+        scale, zp = float(state.pop(key + _SEP + "scale")), int(state.pop(key + _SEP + "zp"))
+        return torch._make_per_tensor_quantized_tensor(ints, scale, zp)
+    return state.pop(key, None)  # an encoded tuple element that was None
+
+
+def _state_hook(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> dict:
+    keys = [k for k in state if k.startswith(prefix)]
+    encoded: dict[str, torch.Tensor] = {}
+    for k in keys:
+        _encode(k, state.pop(k), encoded)
+    state.update(encoded)
+    return state
+
+
+_PACKED = "._packed_params._packed_params"
+
+
+def _load_pre_hook(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    with quiet():
+        _decode_state(state, prefix)
+
+
+def _decode_state(state: dict, prefix: str) -> None:
+    metadata = getattr(state, "_metadata", None) or {}
+    roots = {k.split(_SEP)[0] for k in state if k.startswith(prefix) and _SEP in k}
+    # dtype entries first, so a packed weight's dtype is in place when the weight is decoded
+    for root in sorted(roots, key=lambda r: (r + _SEP + "torchdtype" not in state, r)):
+        value = _decode(root, state)
+        owner = root[: -len(_PACKED)] if root.endswith(_PACKED) else None
+        if owner is not None and metadata.get(owner + "._packed_params", {}).get("version") is None:
+            # Without state-dict version metadata (a safetensors file has none) torch's quantized
+            # Linear reads its legacy layout: plain `weight`/`bias` keys, qint8 implied.
+            state[owner + ".weight"], state[owner + ".bias"] = value
+            dtype = state.pop(owner + "._packed_params.dtype", torch.qint8)
+            if dtype != torch.qint8:
+                raise SlimkitError(f"{owner}: only qint8 packed linear weights can be loaded, got {dtype}")
+        else:
+            state[root] = value
+
+
+def _config(module: "QuantizedModel") -> dict:
+    return module.config
+
+
+def _build(config: dict) -> "QuantizedModel":
+    from ..models import create_model
+
+    base = config.get("base")
+    if base:
+        float_model = create_model(base["spec"], num_classes=base.get("num_classes"), **base.get("kwargs", {}))
+        float_model = _rebuild(float_model, config["float_tree"], "")
+    else:
+        float_model = _rebuild(None, config["float_tree"], "")
+    recipe = config["recipe"]
+    # Any calibration gives the same module structure; the real int8 weights, scales and zero
+    # points come from the artifact's tensors, loaded right after this build.
+    example = torch.zeros(1, *recipe["input_shape"])
+    prepared = calibrate(float_model, [example], recipe["observer"], reduce_range=recipe["reduce_range"],
+                         observer_kwargs=recipe["observer_kwargs"])
+    return convert(prepared, recipe["keep_float"], float_model)
+
+
+class QuantizedModel(nn.Module):
+    """An int8 model converted by :func:`convert`: float in, float out, int8 kernels inside.
+
+    ``model`` is the converted GraphModule; ``recipe`` the observer, activation range and the
+    layers kept in float; ``config`` also records how to build the float structure, so
+    :func:`slimkit.load` rebuilds the same graph and then loads the int8 state exactly.
+    """
+
+    def __init__(self, model: nn.Module, recipe: dict, float_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        base = getattr(float_model, "slimkit_base", None) if float_model is not None else None
+        self.config = {"base": copy.deepcopy(base),
+                       "float_tree": describe(float_model) if float_model is not None else None,
+                       "recipe": recipe}
+        if float_model is not None:
+            self.slimkit_base = copy.deepcopy(base)
+            self.slimkit_history = list(copy.deepcopy(getattr(float_model, "slimkit_history", [])))
+        self._register_state_dict_hook(_state_hook)
+        self._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+        self.eval()
+
+    @property
+    def keep_float(self) -> list[str]:
+        return list(self.recipe.get("keep_float", []))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+register_module(QuantizedModel, config=_config, build=_build)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """True for the torch.ao quantized (int8 kernel) module types."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
