@@ -2,8 +2,8 @@
 
 Trains the small digits CNN, saves it as an artifact, runs a compression recipe on that
 artifact through the same pipeline users run with ``slimkit compress``, and prints a
-before/after table (accuracy, parameters, MACs, size on disk). The recipe grows as
-compression methods land.
+before/after table (accuracy, parameters, MACs, size on disk, latency measured interleaved).
+The recipe prunes half the MACs with distillation as recovery, then quantizes to int8.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ DEMO_RECIPE = {
         # half the MACs by L1-norm filter pruning, recovered by distillation from the unpruned model
         {"method": "prune", "criterion": "l1", "target_macs": 0.5, "round_to": 8,
          "finetune": {"distill": "kd", "epochs": 5, "lr": 0.02}},
+        # then int8 weights and activations, running on int8 kernels
+        {"method": "quantize", "calib": 256, "observer": "entropy"},
     ],
 }
 
