@@ -34,9 +34,24 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _log(args: argparse.Namespace) -> Callable[[str], None]:
-    stream = sys.stderr if args.json else sys.stdout
+def logger(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where a command's human-readable lines go: stdout, or stderr when --json owns stdout."""
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
     return lambda msg: print(msg, file=stream, flush=True)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``--opt KEY=VALUE`` pairs as a dict; values are parsed as JSON when they are JSON, else kept as text."""
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SlimkitError(f"--opt expects KEY=VALUE, got {pair!r}")
+        try:
+            opts[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.replace("-", "_")] = value
+    return opts
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -82,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
                       "classes": list(data.info.classes)})
     result = {"artifact": path, "epochs": run.epochs, "test": test}
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2))
-    _log(args)(f"test top1 {test['top1']:.4f} top5 {test['top5']:.4f} (n={test['n']}); wrote {path}")
+    logger(args)(f"test top1 {test['top1']:.4f} top5 {test['top5']:.4f} (n={test['n']}); wrote {path}")
     return result
 
 
@@ -100,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     loader = data.loader(args.split, args.batch_size)
     check_input(model, next(iter(loader))[0], data.info.num_classes, f"dataset {args.data}")
     result = evaluate(model, loader, progress=not args.json)
-    _log(args)(f"{args.split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
+    logger(args)(f"{args.split}: top1 {result['top1']:.4f} top5 {result['top5']:.4f} loss {result['loss']:.4f} "
                f"(n={result['n']})")
     return {k: result[k] for k in ("top1", "top5", "n", "loss")}
 
@@ -117,7 +132,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
     if is_artifact_path(args.model):
         path = args.model if os.path.isfile(args.model) else os.path.join(args.model, "model.safetensors")
         result["artifact_bytes"] = os.path.getsize(path)
-    log = _log(args)
+    log = logger(args)
     log(f"{args.model}: {params:,} parameters, base {result['base']}")
     for i, step in enumerate(result["history"], 1):
         log(f"  {i}. {step.get('stage')} {step.get('params', {})} -> {step.get('metrics', {})}")
@@ -132,7 +147,7 @@ def cmd_compress(args: argparse.Namespace) -> dict:
     from .pipeline import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
-    return run_recipe(recipe, args.out, progress=not args.json, log=_log(args))
+    return run_recipe(recipe, args.out, progress=not args.json, log=logger(args))
 
 
 def _input_size(text: str | None) -> tuple[int, ...] | None:
@@ -215,10 +230,10 @@ def cmd_report(args: argparse.Namespace) -> dict:
                     layer_latency(model, torch.zeros(1, *size)), title=f"{label}: per-layer MACs and latency")
         entries.append({"name": label, "spec": name, "top1": acc["top1"], "n": acc["n"], "params": prof.params,
                         "macs": prof.macs, "latency_ms": latency})
-        _log(args)(f"{label}: top1 {acc['top1']:.4f}, params {prof.params:,}, MACs {prof.macs:,}, "
+        logger(args)(f"{label}: top1 {acc['top1']:.4f}, params {prof.params:,}, MACs {prof.macs:,}, "
                    f"bs1 latency {latency:.2f} ms")
     report = write_report(entries, args.out)
-    _log(args)(f"wrote {', '.join(report['files'].values())}")
+    logger(args)(f"wrote {', '.join(report['files'].values())}")
     return report
 
 
@@ -227,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     """The main job on embedded data: train the digits CNN, compress it, print before/after."""
     from .demo import run_demo
 
-    return run_demo(args.out, log=_log(args), progress=not args.json)
+    return run_demo(args.out, log=logger(args), progress=not args.json)
 
 
 # Compression families bring their own arguments and command function: (module, add_args, run, help).

@@ -4,7 +4,6 @@ import time
 import torch
 from torch import nn
 
-from slimkit import create_model
 from slimkit.cli import main
 from slimkit.report import layer_latency, plot_layers, plot_tradeoff, write_report
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
+from ..cli import logger, parse_options
 from ..errors import SlimkitError
 
 
@@ -45,18 +45,6 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def _options(pairs: list[str]) -> dict:
-    opts = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SlimkitError(f"--opt expects KEY=VALUE, got {pair!r}")
-        try:
-            opts[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key.replace("-", "_")] = value
-    return opts
-
 
 def cli_distill(args: argparse.Namespace) -> dict:
     """Distill ``--teacher`` into ``--student`` on ``--data``, write ``OUT/model.safetensors`` and return test top-1 of both.
@@ -78,13 +66,13 @@ def cli_distill(args: argparse.Namespace) -> dict:
     from ..train import check_input, evaluate, fit
     from . import METHODS, OneNetwork, distill_terms, moonshine_student, munge_loader
 
-    log_stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     names = args.method.split("+")
     for n in names:
         METHODS.get(n)
-    opts = _options(args.opt)
+    opts = parse_options(args.opt)
     data = load(args.data, limit=args.limit, seed=args.seed)
     nc = data.info.num_classes
     what = f"dataset {args.data}"
@@ -160,6 +148,5 @@ def cli_distill(args: argparse.Namespace) -> dict:
                   student_params=sum(p.numel() for p in student.parameters()))
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2, default=str))
     t = f"{teacher_test['top1']:.4f}" if teacher_test else "-"
-    print(f"{args.method}: teacher test top1 {t}, student test top1 {student_test['top1']:.4f}; wrote {path}",
-          file=log_stream, flush=True)
+    log(f"{args.method}: teacher test top1 {t}, student test top1 {student_test['top1']:.4f}; wrote {path}")
     return result

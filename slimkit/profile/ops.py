@@ -157,7 +157,7 @@ def _conv(transposed_index: int | None, transposed: bool = False) -> Callable[..
 
 
 def _addmm(args, kwargs, out) -> OpCost:
-    bias, a, b = args[0], args[1], args[2]
+    a, b = args[1], args[2]  # args[0] is the bias: its adds are element ops, not MACs
     macs = _numel(a) * b.shape[-1] if a.layout == torch.sparse_coo else a.shape[0] * a.shape[1] * b.shape[1]
     return OpCost(int(macs), _first(out).numel(), b.dtype)
 

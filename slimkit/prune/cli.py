@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Callable
 
+from ..cli import logger
 from ..errors import SlimkitError
 
 
@@ -44,13 +44,6 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _logger(args: argparse.Namespace) -> Callable[[str], None]:
-    import sys
-
-    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
-    return lambda msg: print(msg, file=stream, flush=True)
-
-
 def cli_prune(args: argparse.Namespace) -> dict:
     """Prune a model's channels (criteria of Li et al. 2017, Molchanov et al. 2019, Liu et al. 2017), write ``OUT``.
 
@@ -72,7 +65,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
     from .importance import CRITERIA
 
     CRITERIA.get(args.criterion)  # a typo fails before any data or model is loaded
-    log = _logger(args)
+    log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.target_macs is None and args.target_params is None and args.ratio is None:

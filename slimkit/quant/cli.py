@@ -9,8 +9,8 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Callable
 
+from ..cli import logger
 from ..errors import SlimkitError
 from .observers import OBSERVERS
 
@@ -34,13 +34,6 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def _logger(args: argparse.Namespace) -> Callable[[str], None]:
-    import sys
-
-    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
-    return lambda msg: print(msg, file=stream, flush=True)
-
-
 def cli_quantize(args: argparse.Namespace) -> dict:
     """Quantize a model to int8 (Jacob et al. 2018), write ``OUT/model.safetensors``, return the measurements.
 
@@ -59,7 +52,7 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     from ..train import check_input, evaluate
     from . import calibration_loader, quantize
 
-    log = _logger(args)
+    log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

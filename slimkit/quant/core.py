@@ -259,7 +259,7 @@ def _decode(key: str, state: dict) -> Any:
         n = int(state.pop(key + _SEP + "len"))
         return tuple(_decode(f"{key}{_SEP}{i}", state) for i in range(n))
     if key + _SEP + "dtype" in state:
-        dtype = _DTYPES[int(state.pop(key + _SEP + "dtype"))]
+        state.pop(key + _SEP + "dtype")  # implied: int8 values give qint8, uint8 quint8, int32 qint32
         ints = state.pop(key)
         if key + _SEP + "axis" in state:
             scales, zps = state.pop(key + _SEP + "scales"), state.pop(key + _SEP + "zps")

@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from ..errors import SlimkitError
+from ..cli import logger, parse_options
 
 
 def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,18 +36,6 @@ def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def _options(pairs: list[str]) -> dict:
-    opts = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SlimkitError(f"--opt expects KEY=VALUE, got {pair!r}")
-        try:
-            opts[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key.replace("-", "_")] = value
-    return opts
-
 
 def cli_transform(args: argparse.Namespace) -> dict:
     """Apply one transform to a model, write ``OUT/model.safetensors`` and return what changed.
@@ -67,10 +54,10 @@ def cli_transform(args: argparse.Namespace) -> dict:
     from ..profile import profile
     from . import apply_transform
 
-    log_stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    opts = _options(args.opt)
+    opts = parse_options(args.opt)
     data, loader = None, None
     if args.data:
         from ..data import load
@@ -106,8 +93,8 @@ def cli_transform(args: argparse.Namespace) -> dict:
               "after": {"params": after.params, "macs": after.macs},
               "macs_ratio": after.macs / max(before.macs, 1), "params_ratio": after.params / max(before.params, 1)}
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2))
-    print(f"{args.method}: replaced {len(rec['replaced'])} layer(s), skipped {len(rec['skipped'])}; params "
+    log(f"{args.method}: replaced {len(rec['replaced'])} layer(s), skipped {len(rec['skipped'])}; params "
           f"{before.params:,} -> {after.params:,}, MACs {before.macs:,} -> {after.macs:,} "
-          f"(x{result['macs_ratio']:.3f}); wrote {path}", file=log_stream, flush=True)
+          f"(x{result['macs_ratio']:.3f}); wrote {path}")
     return result
 
