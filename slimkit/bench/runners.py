@@ -116,6 +116,21 @@ def _compile(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
     return Runner("compile", lambda: compiled(x), compiled)
 
 
+def ort_session(path: str, threads: int):
+    """An ONNX Runtime CPU session with a fixed thread count, set up for fair timing."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's pool busy-waits after each run by default; in an interleaved comparison that
+    # spinning would steal cores from the other model's next sample.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
 def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
     try:
         import onnxruntime as ort
@@ -127,16 +142,8 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter needs only torch; the dynamo one needs onnxscript.
             torch.onnx.export(model, (x,), path, input_names=["input"], dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's pool busy-waits after each run by default; in an interleaved comparison that
-        # spinning would steal cores from the other model's next sample.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The session reads the file when built, so the temporary directory can go afterwards.
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return Runner("onnxruntime", lambda: session.run(None, feed), session)
 
