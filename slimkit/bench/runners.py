@@ -132,10 +132,8 @@ def ort_session(path: str, threads: int):
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise RuntimeError("onnxruntime is not installed (pip install onnx onnxruntime)") from e
+    if not onnxruntime_available():
+        raise RuntimeError("onnxruntime is not installed (pip install onnx onnxruntime)")
     with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         with torch.no_grad(), warnings.catch_warnings():
