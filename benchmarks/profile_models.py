@@ -113,7 +113,7 @@ def main() -> None:
     body = (f"Machine peak (fp32 matmul, {args.threads} threads): median {peak.fp32_gflops:.1f} GFLOP/s, best "
             f"{peak.fp32_best_gflops:.1f}; int8: {f'{peak.int8_gops:.1f} GOP/s' if peak.int8_gops else peak.int8_note}. "
             "Latency is the median over repeated timed runs (CV in brackets); % peak is 2 x MACs / bs64 latency "
-            "over the median fp32 matmul peak. MACs are multiply-accumulates of conv/linear/matmul only.\n\n")
+            "over the best fp32 matmul rate (the roof). MACs are multiply-accumulates of conv/linear/matmul only.\n\n")
     body += markdown_table(["model", "input", "params", "MACs", "eager bs1 ms (CV)", "eager bs64 img/s", "eager % peak",
                             "TorchScript bs1 ms (CV)", "TorchScript bs64 img/s", "TorchScript % peak"], rows)
     body += ("\n\nThe same models counted by other tools (batch 1). Convolution and linear MACs agree everywhere "

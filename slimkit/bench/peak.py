@@ -17,8 +17,9 @@ from .stats import stats
 class MachinePeak:
     """Achieved dense-matmul throughput at a thread count: the compute roof for this process.
 
-    ``fp32_gflops`` is the median rate (the roof used for "fraction of peak"), ``fp32_best_gflops``
-    the fastest run, kept so a reader can see how much contention the median absorbed.
+    ``fp32_best_gflops`` is the fastest run, the roof used for "fraction of peak": a roof is what
+    the machine can attain, and on a shared machine the median absorbs other jobs' contention
+    (a median roof let fast runtimes exceed 100 %). ``fp32_gflops`` is the median rate.
     ``int8_gops`` is None when the backend has no int8 matmul that runs here; ``int8_note``
     then says why (otherwise it names the kernel that was timed).
     """

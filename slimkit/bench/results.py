@@ -54,7 +54,7 @@ def measurement(batch_size: int, samples_s: list[float], iters: int, macs: int |
         "iters_per_sample": iters,
         "throughput_ips": batch_size / median,
         "gflops": gflops,
-        "peak_fraction": gflops / peak.fp32_gflops if gflops is not None and peak else None,
+        "peak_fraction": gflops / peak.fp32_best_gflops if gflops is not None and peak else None,
         "max_abs_diff": None,
         "samples_ms": [t * 1e3 for t in samples_s],
     }
@@ -81,7 +81,7 @@ def _size(input_size: tuple[int, ...]) -> str:
 
 def _header(result: BenchResult | CompareResult) -> str:
     m = result.machine
-    peak = f", fp32 peak {result.peak.fp32_gflops:.1f} GFLOP/s" if result.peak else ""
+    peak = f", fp32 peak {result.peak.fp32_best_gflops:.1f} GFLOP/s" if result.peak else ""
     return (f"input {_size(result.input_size)}, threads {result.threads}, torch {result.torch_version}, "
             f"{m['cpu_model']} ({m['usable_cpus']} usable cpus){peak}")
 
