@@ -1,0 +1,348 @@
+"""Structured pruning on CIFAR-10 (JPEG): every slimkit criterion and Torch-Pruning, same MAC target and budget.
+
+From the adapted baseline (runs/baselines/NAME.safetensors, see benchmarks/baselines.py) each
+variant prunes to ``--target-macs`` of the original MACs and is fine-tuned with one fixed budget
+(``--epochs`` of SGD momentum 0.9, lr ``--lr``, cosine, weight decay 5e-4, batch ``--batch-size``,
+crop+flip augmentation) through ``slimkit.train.fit``. Reported: test top-1 (10,000 images)
+before and after fine-tuning, its delta vs the unpruned baseline, parameters and MACs from
+``slimkit.profile`` and their ratios, and the measured CPU speed-up vs the unpruned model from
+``slimkit.bench.compare`` (interleaved A/B pairs, median of the per-pair ratios, 1 thread).
+
+Variants: slimkit ``prune(criterion=...)`` for l1, l2, taylor, slimming (scores the adapted
+model's BN scales as they are, *without* the sparsity pre-training of Liu et al. 2017) and
+random; and Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)`` (L1, its
+group-mean normalisation), global pruning, ``round_to=8``, the final linear ignored, its
+``pruning_ratio`` found by bisection so its profiled MACs are the largest that still meet the
+same target. Torch-Pruning does not understand the option-A shortcut (``F.pad`` over channels:
+unmodified it returns a broken model), so for it every ``PadShortcut`` is first swapped for an
+equivalent ``IndexPad`` (cat a zero channel + index_select) with a customised pruner.
+
+Every fine-tune checkpoints under ``--out`` (a killed run resumes the epoch), and each finished
+variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh`` redoes all).
+
+    python benchmarks/prune.py --models resnet56 --epochs 1 --threads 1
+    python benchmarks/prune.py --limit 500 --epochs 1 --out /tmp/prune-smoke --repeats 3   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import CIFAR, ROOT, markdown_table, record  # noqa: E402
+
+import slimkit  # noqa: E402
+from slimkit.bench import compare  # noqa: E402
+from slimkit.data import load  # noqa: E402
+from slimkit.profile import profile  # noqa: E402
+from slimkit.prune import prune  # noqa: E402
+from slimkit.train import evaluate, fit  # noqa: E402
+
+CRITERIA = ("l1", "l2", "taylor", "slimming", "random")
+INPUT = (3, 32, 32)
+
+# Published anchors (text rows). Torch-Pruning's "speed up" is Base MACs / Pruned MACs, not a measurement.
+ANCHORS = [
+    ["Li et al. 2017, ResNet-56-pruned-B (L1, hand-picked layers, retrained)", "published",
+     "-27.6% FLOPs (0.72x)", "93.04 -> 93.06 (+0.02)", "original CIFAR-10, GPU training; not measured here"],
+    ["DepGraph, Fang et al. 2023 (Torch-Pruning benchmarks/readme.md, ResNet-56): Group-L1", "published",
+     "2.12x fewer MACs (0.47x)", "93.53 -> 92.93 (-0.60)", "long GPU fine-tune (100 epochs in their logs)"],
+    ["DepGraph w/o sparse learning", "published", "2.11x fewer MACs (0.47x)", "93.53 -> 93.46 (-0.07)", "as above"],
+    ["DepGraph with sparse learning", "published", "2.13x fewer MACs (0.47x)", "93.53 -> 93.77 (+0.38 as printed)",
+     "as above; their 93.53 -> 93.64 is the 2.57x row"],
+]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- Torch-Pruning adapter -------------------------------------------------------------------------
+
+class IndexPad(nn.Module):
+    """Option-A shortcut as a gather: output channel i is input channel ``index[i]``, or zero where it is -1."""
+
+    def __init__(self, stride: int, index: list[int], in_channels: int) -> None:
+        super().__init__()
+        self.stride, self.in_channels = stride, in_channels
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        zero = x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])
+        src = torch.where(self.index < 0, torch.full_like(self.index, self.in_channels), self.index)
+        return torch.cat([x, zero], 1).index_select(1, src)
+
+
+def _swap_pads(model: nn.Module) -> None:
+    from slimkit.models.cifar_resnet import PadShortcut
+    from slimkit.prune import PrunedPadShortcut
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (PadShortcut, PrunedPadShortcut)) and m.out_channels != m.in_channels:
+            before = getattr(m, "before", (m.out_channels - m.in_channels) // 2)
+            after = m.out_channels - m.in_channels - before
+            index = [-1] * before + list(range(m.in_channels)) + [-1] * after
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                    IndexPad(m.stride, index, m.in_channels))
+
+
+def _index_pad_pruner():
+    import torch_pruning as tp
+
+    class IndexPadPruner(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer: IndexPad, idxs):
+            drop = {int(i) for i in idxs}
+            layer.index = layer.index[[i for i in range(len(layer.index)) if i not in drop]]
+            return layer
+
+        def prune_in_channels(self, layer: IndexPad, idxs):
+            drop = sorted({int(i) for i in idxs})
+            old = layer.index.tolist()
+            new = []
+            for v in old:  # a removed input channel leaves a zero channel; later ones shift down
+                new.append(-1 if v in drop else (v - sum(1 for d in drop if d < v) if v >= 0 else -1))
+            layer.index = torch.tensor(new, dtype=torch.long)
+            layer.in_channels -= len(drop)
+            return layer
+
+        def get_out_channels(self, layer: IndexPad):
+            return len(layer.index)
+
+        def get_in_channels(self, layer: IndexPad):
+            return layer.in_channels
+
+    return IndexPadPruner()
+
+
+def tp_prune(model: nn.Module, ratio: float) -> nn.Module:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).eval()
+    _swap_pads(m)
+    x = torch.zeros(1, *INPUT)
+    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
+                                  pruning_ratio=ratio, ignored_layers=[m.linear], round_to=8,
+                                  customized_pruners={IndexPad: _index_pad_pruner()})
+    pruner.step()
+    return m
+
+
+def tp_search(model: nn.Module, target: float, macs0: int, iters: int = 12) -> tuple[nn.Module, float, list]:
+    """Bisection on Torch-Pruning's global pruning_ratio: the smallest ratio whose profiled MACs meet the target."""
+    lo, hi, best, trace = 0.0, 0.95, None, []
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        m = tp_prune(model, mid)
+        macs = profile(m, torch.zeros(1, *INPUT)).macs
+        trace.append((round(mid, 4), macs / macs0))
+        if macs <= target * macs0:
+            hi, best = mid, (m, mid)
+        else:
+            lo = mid
+    if best is None:
+        m = tp_prune(model, hi)
+        best = (m, hi)
+    return best[0], best[1], trace
+
+
+# -- one variant -------------------------------------------------------------------------------------
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: float, data, args) -> dict:
+    cache = os.path.join(args.out, f"{name}-{variant}.json")
+    if os.path.exists(cache) and not args.fresh:
+        log(f"{name} {variant}: cached in {cache}")
+        return json.load(open(cache))
+    t0 = time.perf_counter()
+    x = torch.zeros(1, *INPUT)
+    info: dict = {"model": name, "variant": variant}
+    if variant == "torch-pruning-l1":
+        pruned, ratio, trace = tp_search(base, args.target_macs, base_prof.macs)
+        info["tp_ratio"], info["tp_search"] = ratio, trace
+        log(f"{name} {variant}: pruning_ratio {ratio:.4f} after bisection {trace}")
+    else:
+        kwargs = {}
+        if variant == "taylor":
+            kwargs = {"loader": data.loader("train", args.batch_size, seed=args.seed), "batches": args.batches}
+        elif variant == "random":
+            kwargs = {"seed": args.seed}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = prune(base, x, criterion=variant, target_macs=args.target_macs, round_to=8, **kwargs)
+        pruned = r.model
+        info["warnings"] = [str(w.message) for w in caught]
+    info["prune_s"] = time.perf_counter() - t0
+    prof = profile(pruned, x)
+    info.update(params=prof.params, macs=prof.macs, params_ratio=prof.params / base_prof.params,
+                macs_ratio=prof.macs / base_prof.macs)
+    test = data.loader("test", 500)
+    info["top1_before_ft"] = evaluate(pruned, test)["top1"]
+    log(f"{name} {variant}: MACs {info['macs_ratio']:.3f}, params {info['params_ratio']:.3f}, "
+        f"top-1 before fine-tune {pct(info['top1_before_ft'])}")
+    t1 = time.perf_counter()
+    if args.epochs:
+        fit(pruned, data.loader("train", args.batch_size, seed=args.seed), epochs=args.epochs, lr=args.lr,
+            weight_decay=5e-4, schedule="cosine", seed=args.seed, progress=False,
+            checkpoint_dir=os.path.join(args.out, f"{name}-{variant}-ckpt"))
+    info["finetune_min"] = (time.perf_counter() - t1) / 60
+    info["top1_after_ft"] = evaluate(pruned, test)["top1"]
+    info["delta_vs_base"] = info["top1_after_ft"] - base_top1
+    log(f"{name} {variant}: top-1 after {args.epochs} epoch(s) {pct(info['top1_after_ft'])} "
+        f"({100 * info['delta_vs_base']:+.2f} vs baseline) in {info['finetune_min']:.1f} min")
+    pruned.eval()
+    cmp = compare(base, pruned, INPUT, batch_sizes=(1, 64), threads=args.threads, modes=tuple(args.modes),
+                  repeats=args.repeats, names=("original", variant), roofline=False)
+    info["speedup"] = {}
+    for mode in args.modes:
+        for bs in (1, 64):
+            try:
+                q = cmp.results[mode][bs]["ratio"]
+                # ratio = pruned latency / original latency, so speed-up = 1 / ratio (p10/p90 swap)
+                info["speedup"][f"{mode}-{bs}"] = {"median": 1 / q["median"], "lo": 1 / q["p90"], "hi": 1 / q["p10"],
+                                                   "cv": q["cv"], "orig_ms": cmp.results[mode][bs]["a"]["median_ms"],
+                                                   "pruned_ms": cmp.results[mode][bs]["b"]["median_ms"]}
+            except KeyError:
+                info["speedup"][f"{mode}-{bs}"] = None
+    info["bench_errors"], info["bench_warnings"] = dict(cmp.errors), list(cmp.warnings)
+    log(f"{name} {variant}: speed-up " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in info["speedup"].items() if v))
+    info["total_min"] = (time.perf_counter() - t0) / 60
+    os.makedirs(args.out, exist_ok=True)
+    with open(cache, "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def row(info: dict, modes: list[str]) -> list:
+    label = "Torch-Pruning 1.6 MetaPruner, L1 (global)" if info["variant"] == "torch-pruning-l1" else \
+        f"slimkit `{info['variant']}`" + (" (no sparsity pre-training)" if info["variant"] == "slimming" else "")
+    cells = [info["model"], label, f"{info['params'] / 1e6:.3f} M ({info['params_ratio']:.3f})",
+             f"{info['macs'] / 1e6:.1f} M ({info['macs_ratio']:.3f})", pct(info["top1_before_ft"]),
+             pct(info["top1_after_ft"]), f"{100 * info['delta_vs_base']:+.2f}"]
+    for mode in modes:
+        for bs in (1, 64):
+            s = info["speedup"].get(f"{mode}-{bs}")
+            cells.append(f"{s['median']:.2f}x ({s['lo']:.2f}-{s['hi']:.2f})" if s else "n/a")
+    return cells
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet56", help="comma-separated: resnet56,resnet20")
+    p.add_argument("--variants", default=",".join(CRITERIA) + ",torch-pruning-l1")
+    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per variant (0: none)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=8, help="training batches for the taylor criterion")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--modes", default="eager,torchscript", help="bench modes for the speed-up")
+    p.add_argument("--repeats", type=int, default=20, help="interleaved A/B pairs per mode and batch size")
+    p.add_argument("--limit", type=int, help="class-balanced subset per split (smoke tests only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "prune-bench"))
+    p.add_argument("--fresh", action="store_true", help="ignore cached variant results and checkpoints")
+    p.add_argument("--no-record", action="store_true", help="print the table, do not write docs/benchmarks.md")
+    args = p.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    torch.set_num_threads(args.threads)
+    if args.fresh and os.path.isdir(args.out):
+        shutil.rmtree(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    data = load(f"cifar10:{CIFAR}", seed=args.seed, limit=args.limit)
+    variants = [v for v in args.variants.split(",") if v]
+    infos, base_rows = [], []
+    for name in args.models.split(","):
+        base = slimkit.load(os.path.join(ROOT, "runs", "baselines", f"{name}.safetensors")).eval()
+        base_prof = profile(base, torch.zeros(1, *INPUT))
+        base_top1 = evaluate(base, data.loader("test", 500))["top1"]
+        log(f"{name}: baseline top-1 {pct(base_top1)}, {base_prof.params:,} params, {base_prof.macs:,} MACs")
+        base_rows.append([name, "adapted baseline (unpruned)", f"{base_prof.params / 1e6:.3f} M (1.000)",
+                          f"{base_prof.macs / 1e6:.1f} M (1.000)", pct(base_top1), "-", "+0.00"]
+                         + ["1.00x"] * (2 * len(args.modes)))
+        for v in variants:
+            infos.append(run_variant(name, v, base, base_prof, base_top1, data, args))
+
+    headers = ["model", "method", "params (ratio)", "MACs (ratio)", "top-1 pruned, no FT", "top-1 after FT",
+               "delta vs baseline"]
+    headers += [f"speed-up {mode} bs{bs}" for mode in args.modes for bs in (1, 64)]
+    rows = []
+    for name in args.models.split(","):
+        rows.append(next(r for r in base_rows if r[0] == name))
+        rows += [row(i, args.modes) for i in infos if i["model"] == name]
+    n_test = len(data.split("test"))
+    budget = (f"{args.epochs} epoch(s) SGD momentum 0.9, lr {args.lr} cosine, weight decay 5e-4, batch "
+              f"{args.batch_size}, crop+flip, on the {len(data.split('train')):,}-image train part")
+    body = (f"Each variant starts from the adapted baseline (runs/baselines/MODEL.safetensors), is pruned to "
+            f"{args.target_macs} of the original MACs with `round_to=8`, then fine-tuned with the same fixed budget: "
+            f"**{budget}** (`slimkit.train.fit`). Top-1 on the {n_test:,}-image CIFAR-10 (JPEG) test split. "
+            "Params/MACs from `slimkit.profile`. Speed-up = original latency / pruned latency from "
+            f"`slimkit.bench.compare` (interleaved A/B, {args.repeats} pairs, median of per-pair ratios, p10-p90 in "
+            f"brackets), {args.threads} thread, CPU. `slimming` scores the BN scales of the adapted model as they "
+            "are, without Liu et al.'s sparsity pre-training. `random` is the control. Torch-Pruning: "
+            "`MetaPruner(MagnitudeImportance(p=1), global_pruning=True, round_to=8, ignored_layers=[linear])`, its "
+            "`pruning_ratio` bisected (12 steps) to the smallest value whose profiled MACs meet the same target; its "
+            "tracer cannot follow the option-A shortcut (`F.pad` over channels gives a broken model), so the "
+            "shortcuts were swapped for an equivalent gather module with a custom pruner for it.\n\n")
+    body += markdown_table(headers, rows)
+    for i in infos:
+        if i["variant"] == "torch-pruning-l1":
+            body += (f"\n\nTorch-Pruning ({i['model']}): pruning_ratio {i['tp_ratio']:.4f}; bisection (ratio, MACs "
+                     f"ratio): {', '.join(f'({r}, {m:.3f})' for r, m in i['tp_search'])}.")
+    body += "\n\nPublished anchors (original CIFAR-10 binaries, long GPU fine-tunes; not comparable budgets):\n\n"
+    body += markdown_table(["work", "kind", "compute", "top-1 base -> pruned", "note"], ANCHORS)
+    body += "\n\n" + verdict(infos, args)
+    if args.limit:
+        body += f"\n\n**Smoke run** (`--limit {args.limit}`): numbers are not meaningful."
+    if args.no_record:
+        print(body)
+    else:
+        record("prune", "Structured pruning on CIFAR-10 (JPEG)", body)
+
+
+def verdict(infos: list[dict], args) -> str:
+    mode = "eager"
+    lines = [(f"Goal: at most 0.5 points of top-1 lost vs the adapted baseline at <= {args.target_macs} of the MACs, "
+              f"and >= 1.7x measured speed-up ({mode}, 1 thread). With the budget above:")]
+    for i in infos:
+        s1, s64 = i["speedup"].get(f"{mode}-1"), i["speedup"].get(f"{mode}-64")
+        acc_ok = i["delta_vs_base"] >= -0.005
+        mac_ok = i["macs_ratio"] <= args.target_macs + 1e-9
+        sp = [s["median"] for s in (s1, s64) if s]
+        sp_ok = bool(sp) and min(sp) >= 1.7
+        met = "met" if acc_ok and mac_ok and sp_ok else "NOT met"
+        why = []
+        if not acc_ok:
+            why.append(f"accuracy {100 * i['delta_vs_base']:+.2f} points")
+        if not mac_ok:
+            why.append(f"MACs {i['macs_ratio']:.3f}")
+        if not sp_ok:
+            why.append("speed-up " + "/".join(f"{v:.2f}x" for v in sp) + " (bs1/bs64)")
+        lines.append(f"- {i['model']} {i['variant']}: {met}" + (f" ({'; '.join(why)})" if why else ""))
+    if infos:
+        best = max(infos, key=lambda i: i["delta_vs_base"])
+        fast = max(infos, key=lambda i: min(s["median"] for k, s in i["speedup"].items() if s and k.startswith(mode)))
+        n_met = sum(1 for ln in lines[1:] if ": met" in ln)
+        lines.append(f"\nIn short: {n_met} of {len(infos)} variants meet the goal with this budget. Best accuracy: "
+                     f"{best['model']} {best['variant']} ({100 * best['delta_vs_base']:+.2f} points); best worst-case "
+                     f"{mode} speed-up: {fast['model']} {fast['variant']}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
