@@ -39,17 +39,22 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def write_section(path: str, name: str, section_body: str, header: str) -> None:
+    """Replace the ``<!-- begin NAME -->`` ... ``<!-- end NAME -->`` section of ``path`` (or append it), atomically."""
+    section = f"<!-- begin {name} -->\n{section_body.strip()}\n<!-- end {name} -->"
+    text = open(path).read() if os.path.exists(path) else header
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def record(name: str, title: str, body: str) -> None:
     """Print ``body`` and write it as section ``name`` of docs/benchmarks.md with provenance."""
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (f"<!-- begin {name} -->\n## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \n"
-               f"Date: {stamp}\n\n{body.strip()}\n<!-- end {name} -->")
     print(body)
-    text = open(DOC).read() if os.path.exists(DOC) else "# Benchmarks\n\nEvery table below was written by the script named in its command line.\n"
-    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    tmp = DOC + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, DOC)
+    write_section(DOC, name, f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}",
+                  "# Benchmarks\n\nEvery table below was written by the script named in its command line.\n")

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CIFAR, ROOT, markdown_table, record
+from common import CIFAR, ROOT, markdown_table, record, write_section
 
 import slimkit
 from slimkit.bench import bench, machine_peak
@@ -181,22 +180,8 @@ def plot_latency_vs_macs(timed: list[dict], path: str) -> None:
 
 
 def write_zoo_section(body: str) -> None:
-    """Append (or replace) the marked ``zoo-tradeoff`` section at the end of docs/zoo.md.
-
-    benchmarks/zoo_table.py rewrites docs/zoo.md from scratch, which drops this section; run
-    this script again after it (with ``--resume`` it only rewrites the docs from ``--cache``).
-    """
-    text = "# Model zoo\n"
-    if os.path.exists(ZOO_DOC):
-        with open(ZOO_DOC) as f:
-            text = f.read()
-    section = f"<!-- begin zoo-tradeoff -->\n{body.strip()}\n<!-- end zoo-tradeoff -->"
-    pattern = re.compile(r"<!-- begin zoo-tradeoff -->.*?<!-- end zoo-tradeoff -->", re.DOTALL)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    tmp = ZOO_DOC + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, ZOO_DOC)
+    """Append (or replace) the marked ``zoo-tradeoff`` section of docs/zoo.md (zoo_table.py keeps it)."""
+    write_section(ZOO_DOC, "zoo-tradeoff", body, "# Model zoo\n")
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ trains them, and removes them afterwards.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections.abc import Iterable
 
 import torch
@@ -30,7 +32,7 @@ def _key(name: str) -> str:
     return name.replace(".", "_") or "root"  # ModuleDict keys may not contain dots
 
 
-class DistillMethod:
+class DistillMethod(ABC):
     """Base class: options, the teacher, the student's feature taps and the trainable ``aux`` modules."""
 
     name = ""
@@ -47,9 +49,9 @@ class DistillMethod:
         self.tap = FeatureTap(student)
         self.pairs: list[Pair] = []
 
+    @abstractmethod
     def terms(self) -> dict[str, LossTerm]:
         """The method's loss terms, ``{name: term(batch) -> scalar}``."""
-        raise NotImplementedError
 
     def ce_weight(self) -> float:
         """The weight the paper puts on the hard-label cross-entropy (``fit`` always adds it with weight 1)."""

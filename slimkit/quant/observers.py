@@ -21,6 +21,8 @@ outputs, most of a CNN) and ``[-T, T]`` otherwise, then intersected with the obs
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import math
 from typing import Any
 
@@ -80,9 +82,9 @@ class HistogramClip(MinMaxObserver):
         self.hist += torch.histc(x, bins=n, min=0.0, max=n * self.width).double()
         return x_orig
 
+    @abstractmethod
     def threshold(self) -> float:
-        """The chosen ``|x|`` clipping threshold; subclasses implement the method."""
-        raise NotImplementedError
+        """The chosen ``|x|`` clipping threshold; each subclass is one method of choosing it."""
 
     def levels(self) -> int:
         """Quantization levels on one side of zero for this tensor's sign pattern."""
