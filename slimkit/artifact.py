@@ -163,7 +163,14 @@ def describe_config(module: nn.Module) -> dict | None:
         return None
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+def artifact_file(path: str | os.PathLike) -> str:
+    """The file of an artifact given as the file itself or as an output folder holding ``model.safetensors``."""
+    path = str(path)
+    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -184,7 +191,7 @@ def atomic_write_text(path: str, text: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def history(model: nn.Module) -> list[dict]:
@@ -224,7 +231,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
         # safetensors refuses tensors that share memory; tied weights are stored once per name
         tensors[name] = t.detach().clone().contiguous() if key in seen else t.detach().contiguous()
         seen[key] = name
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"slimkit": text}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"slimkit": text}))
     return path
 
 
@@ -232,9 +239,7 @@ def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of an artifact without reading its tensors."""
     from safetensors import safe_open
 
-    path = str(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
+    path = artifact_file(path)
     if not os.path.isfile(path):
         raise SlimkitError(f"artifact not found: {path}")
     try:
@@ -256,9 +261,7 @@ def load(path: str | os.PathLike) -> nn.Module:
 
     from .models import create_model
 
-    path = str(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.safetensors")
+    path = artifact_file(path)
     header = read_header(path)
     base = header.get("base")
     model = None

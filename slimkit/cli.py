@@ -130,7 +130,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
     result = {"model": args.model, "params": params, "base": getattr(model, "slimkit_base", None),
               "history": getattr(model, "slimkit_history", []), "meta": getattr(model, "slimkit_meta", {})}
     if is_artifact_path(args.model):
-        path = args.model if os.path.isfile(args.model) else os.path.join(args.model, "model.safetensors")
+        from .artifact import artifact_file
+
+        path = artifact_file(args.model)
         result["artifact_bytes"] = os.path.getsize(path)
     log = logger(args)
     log(f"{args.model}: {params:,} parameters, base {result['base']}")
@@ -176,7 +178,9 @@ def cmd_profile(args: argparse.Namespace) -> dict:
     prof = profile(model, torch.zeros(1, *size))
     result = prof.to_dict()
     if is_artifact_path(args.model):
-        path = args.model if os.path.isfile(args.model) else os.path.join(args.model, "model.safetensors")
+        from .artifact import artifact_file
+
+        path = artifact_file(args.model)
         result["artifact_bytes"] = os.path.getsize(path)
     if args.plot:
         from .report import layer_latency, plot_layers

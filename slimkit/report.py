@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .artifact import _atomic_write, atomic_write_text
+from .artifact import atomic_write, atomic_write_text
 
 
 def _pyplot():
@@ -35,7 +35,7 @@ def _save(fig, path: str) -> str:
     def write(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     _pyplot().close(fig)
     return path
 

@@ -54,8 +54,10 @@ def list_models() -> list[str]:
 
 
 def is_artifact_path(spec: str) -> bool:
-    return spec.endswith((".safetensors", ".slim")) or os.path.isdir(spec) and os.path.exists(
-        os.path.join(spec, "model.safetensors"))
+    """Whether a model spec names a slimkit artifact (a ``.safetensors`` file or a folder holding one)."""
+    if spec.endswith((".safetensors", ".slim")):
+        return True
+    return os.path.isdir(spec) and os.path.exists(os.path.join(spec, "model.safetensors"))
 
 
 def _torchvision(name: str, num_classes: int | None, **kwargs) -> nn.Module:

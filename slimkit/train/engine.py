@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..artifact import atomic_write
 from ..errors import SlimkitError
 from .optim import build_optimizer
 from .schedules import build_schedule
@@ -116,12 +117,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
 
 
-def _atomic_torch_save(obj: dict, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint safely (``weights_only``: tensors and plain containers only)."""
     try:
@@ -214,9 +209,9 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
             shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
             print(f"epoch {epoch + 1}/{epochs}: {shown}", flush=True)
         if ckpt_path:
-            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "schedule": sched.state_dict(), "epoch": epoch + 1, "log": result.epochs,
-                                "torch_rng": torch.get_rng_state()}, ckpt_path)
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                     "epoch": epoch + 1, "log": result.epochs, "torch_rng": torch.get_rng_state()}
+            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     model.eval()
