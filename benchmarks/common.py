@@ -14,6 +14,8 @@ import re
 import shlex
 import sys
 
+import copy
+
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,3 +60,23 @@ def record(name: str, title: str, body: str) -> None:
     print(body)
     write_section(DOC, name, f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}",
                   "# Benchmarks\n\nEvery table below was written by the script named in its command line.\n")
+
+
+_SUBSET_STREAM = {"train": 8, "test": 9, "val": 10}  # fixed seed streams: the same subset in every script
+
+
+def with_subset(data, split: str, n: int | None, seed: int = 0):
+    """A shallow copy of the dataset ``data`` whose ``split`` is a seeded class-balanced subset of ``n`` images.
+
+    ``n=None`` returns ``data`` itself. The same ``(split, n, seed)`` gives the same images in
+    every benchmark, so budgets stated as "N train images" compare across scripts.
+    """
+    from slimkit.data.splits import balanced_subset, make_rng
+
+    if n is None:
+        return data
+    out = copy.copy(data)
+    part = data.split(split)
+    setattr(out, split, part.subset(balanced_subset(part.labels.numpy(), n, make_rng(seed, _SUBSET_STREAM[split]))))
+    return out
+

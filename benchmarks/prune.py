@@ -9,8 +9,9 @@ before and after fine-tuning, its delta vs the unpruned baseline, parameters and
 ``slimkit.bench.compare`` (interleaved A/B pairs, median of the per-pair ratios, 1 thread).
 
 Variants: slimkit ``prune(criterion=...)`` for l1, l2, taylor, slimming (scores the adapted
-model's BN scales as they are, *without* the sparsity pre-training of Liu et al. 2017) and
-random; and Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)`` (L1, its
+model's BN scales as they are, *without* the sparsity pre-training of Liu et al. 2017), thinet
+and lasso (each with its paper's least-squares weight reconstruction after the cut), dcp and
+random (``ssl`` needs its group-lasso training first and is not run); and Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)`` (L1, its
 group-mean normalisation), global pruning, ``round_to=8``, the final linear ignored, its
 ``pruning_ratio`` found by bisection so its profiled MACs are the largest that still meet the
 same target. Torch-Pruning does not understand the option-A shortcut (``F.pad`` over channels:
@@ -45,10 +46,10 @@ import slimkit  # noqa: E402
 from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.prune import prune  # noqa: E402
+from slimkit.prune import DATA_CRITERIA, prune  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
 
-CRITERIA = ("l1", "l2", "taylor", "slimming", "random")
+CRITERIA = ("l1", "l2", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
 INPUT = (3, 32, 32)
 
 # Published anchors (text rows). Torch-Pruning's "speed up" is Base MACs / Pruned MACs, not a measurement.
@@ -178,7 +179,7 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
         log(f"{name} {variant}: pruning_ratio {ratio:.4f} after bisection {trace}")
     else:
         kwargs = {}
-        if variant == "taylor":
+        if variant in DATA_CRITERIA:  # thinet and lasso also run their paper's weight reconstruction (auto)
             kwargs = {"loader": data.loader("train", args.batch_size, seed=args.seed), "batches": args.batches}
         elif variant == "random":
             kwargs = {"seed": args.seed}
@@ -229,8 +230,10 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
 
 
 def row(info: dict, modes: list[str]) -> list:
+    notes = {"slimming": " (no sparsity pre-training)", "thinet": " (+ scale reconstruction)",
+             "lasso": " (+ least-squares reconstruction)"}
     label = "Torch-Pruning 1.6 MetaPruner, L1 (global)" if info["variant"] == "torch-pruning-l1" else \
-        f"slimkit `{info['variant']}`" + (" (no sparsity pre-training)" if info["variant"] == "slimming" else "")
+        f"slimkit `{info['variant']}`" + notes.get(info["variant"], "")
     cells = [info["model"], label, f"{info['params'] / 1e6:.3f} M ({info['params_ratio']:.3f})",
              f"{info['macs'] / 1e6:.1f} M ({info['macs_ratio']:.3f})", pct(info["top1_before_ft"]),
              pct(info["top1_after_ft"]), f"{100 * info['delta_vs_base']:+.2f}"]

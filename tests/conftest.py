@@ -17,3 +17,16 @@ def need(path: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (the ../shared folder beside the project provides it)")
     return path
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN statistics and affine terms (fresh BN is the identity), so folding and fusion are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()

@@ -12,7 +12,7 @@ import slimkit
 from slimkit.errors import SlimkitError
 from slimkit.models.cifar_resnet import PadShortcut
 from slimkit.profile import profile
-from slimkit.prune import CRITERIA, PrunedPadShortcut, build_graph, prune, slimming_penalty
+from slimkit.prune import CRITERIA, PrunedPadShortcut, build_graph, plan, prune, slimming_penalty
 from slimkit.prune.pruner import _keep_count
 
 torch.set_num_threads(1)
@@ -32,10 +32,23 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _zeroed(model: nn.Module, kept: dict) -> nn.Module:
-    """A copy in which every removed channel is zeroed where it is made (filters, bias, BN gamma/beta)."""
+class _MaskedPad(nn.Module):
+    def __init__(self, pad: nn.Module, keep: list[int]) -> None:
+        super().__init__()
+        self.pad = pad
+        mask = torch.zeros(pad.out_channels, dtype=torch.float64)
+        mask[keep] = 1
+        self.register_buffer("mask", mask.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pad(x) * self.mask.to(x.dtype)
+
+
+def _zeroed(model: nn.Module, kept: dict, pads: dict | None = None) -> nn.Module:
+    """A copy in which every removed channel is zeroed where it is made (filters, bias, BN gamma/beta, shortcut)."""
     z = copy.deepcopy(model)
     mods = dict(z.named_modules())
+    pads = dict(pads or {})
     for name, entry in kept.items():
         m = mods[name]
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
@@ -44,6 +57,11 @@ def _zeroed(model: nn.Module, kept: dict) -> nn.Module:
                 m.weight[drop] = 0
                 if m.bias is not None:
                     m.bias[drop] = 0
+        elif isinstance(m, (PadShortcut, PrunedPadShortcut)):
+            pads.setdefault(name, entry["out"])
+    for name, keep in pads.items():  # a shortcut "makes" its output channels: mask the removed ones
+        parent, _, attr = name.rpartition(".")
+        setattr(z.get_submodule(parent), attr, _MaskedPad(mods[name], keep))
     return z
 
 
@@ -105,20 +123,53 @@ def test_pruned_equals_zeroed_copy(name, size):
         assert pads and all(isinstance(r.model.get_submodule(n), (PadShortcut, PrunedPadShortcut)) for n in pads)
 
 
-def test_resnet20_trunk_is_one_group_with_padshortcut():
+def test_resnet20_stage_trunks_are_separate_groups_with_padshortcut():
     model = slimkit.create_model("resnet20")
     g = build_graph(model, torch.zeros(1, 3, 32, 32))
     L = g.layers
-    # stem, every stage-1 block output and the middle 16 channels of stages 2 and 3 are the same channels
+    # the stem and every stage-1 block output are the same channels (residual adds)
     assert (L["conv1"].out_cls == L["layer1.2.conv2"].out_cls).all()
-    assert (L["layer2.0.conv2"].out_cls[8:24] == L["conv1"].out_cls).all()
-    assert (L["layer3.0.conv2"].out_cls[16:48] == L["layer2.2.conv2"].out_cls).all()
-    assert (L["layer2.0.shortcut"].out_cls[8:24] == L["layer2.0.shortcut"].in_cls).all()
+    # the option-A shortcut's output is the stage-2 trunk, not a copy of stage-1 channels
+    assert (L["layer2.0.shortcut"].out_cls == L["layer2.0.conv2"].out_cls).all()
+    assert (L["layer2.0.shortcut"].in_cls == L["layer1.2.conv2"].out_cls).all()
+    assert not np.isin(L["layer2.0.conv2"].out_cls, L["conv1"].out_cls).any()
     assert len(np.unique(L["layer3.2.conv2"].out_cls)) == 64
-    assert g.class_group[L["conv1"].out_cls[0]] == g.class_group[L["layer3.2.conv2"].out_cls[0]]
+    stage_groups = {g.class_group[L[n].out_cls[0]] for n in ("conv1", "layer2.0.conv2", "layer3.0.conv2")}
+    assert len(stage_groups) == 3 and not g.blocked[L["layer2.0.shortcut"].out_cls].any()
     assert g.blocked[L["linear"].out_cls].all() and not g.blocked[L["linear"].in_cls].any()
     # a block's inner channels are a group of their own
     assert g.class_group[L["layer1.0.conv1"].out_cls[0]] != g.class_group[L["conv1"].out_cls[0]]
+
+
+def test_pruned_shortcut_carries_zeros_where_its_source_was_removed(tmp_path):
+    from slimkit.prune.pruner import apply_plan
+
+    model = _randomize_bn(slimkit.create_model("resnet20")).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    g = build_graph(model, x[:1])
+    L = g.layers
+    removed = np.zeros(g.num_classes, dtype=bool)
+    removed[L["conv1"].out_cls[[0, 5]]] = True          # stage-1 channels whose stage-2 positions (8, 13) stay
+    removed[L["layer2.0.conv2"].out_cls[[0, 20]]] = True  # a zero-pad position and a copied one (source 12 stays)
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, g, removed)
+    sc = pruned.layer2[0].shortcut
+    assert isinstance(sc, PrunedPadShortcut) and (sc.in_channels, sc.out_channels) == (14, 30)
+    src = sc.sources
+    # old layout: 8 zeros, inputs 0..15, 8 zeros. Positions 8 and 13 lost their source (zeros now), position
+    # 20 (source 12) is gone, the remaining inputs are renumbered 0..13 (old 12 -> 10 is no longer used)
+    assert src == [-1] * 8 + [0, 1, 2, 3] + [-1] + [4, 5, 6, 7, 8, 9] + [11, 12, 13] + [-1] * 8
+    zeroed = _zeroed(model, {"conv1": {"out": [i for i in range(16) if i not in (0, 5)]},
+                             "bn1": {"out": [i for i in range(16) if i not in (0, 5)]}}
+                     | {n: {"out": [i for i in range(16) if i not in (0, 5)]} for n in
+                        [f"layer1.{b}.{k}" for b in range(3) for k in ("conv2", "bn2")]}
+                     | {n: {"out": [i for i in range(32) if i not in (0, 20)]} for n in
+                        [f"layer2.{b}.{k}" for b in range(3) for k in ("conv2", "bn2")]},
+                     pads={"layer2.0.shortcut": [i for i in range(32) if i not in (0, 20)]})
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x), zeroed(x), atol=1e-9)
+    sc_art = slimkit.load(slimkit.save(pruned.float(), tmp_path / "p.safetensors"))
+    assert sc_art.layer2[0].shortcut.sources == src
 
 
 def test_analytic_macs_resnet20():
@@ -511,3 +562,41 @@ def test_pruned_zoo_models_roundtrip(tmp_path, name, size):
     loaded = slimkit.load(slimkit.save(r.model, tmp_path / "m.safetensors"))
     with torch.no_grad():
         assert torch.equal(loaded(x), r.model.eval()(x))
+
+
+# -- measured-latency target ----------------------------------------------------------------------
+
+def test_plan_latency_target_bisects_on_the_measured_cost():
+    from slimkit.prune.pruner import estimate
+
+    model = slimkit.create_model("resnet20")
+    x = torch.zeros(1, 3, 32, 32)
+    g = build_graph(model, x)
+    scores = np.random.default_rng(0).random(g.num_classes)
+    m0 = estimate(g, np.zeros(g.num_classes, dtype=bool))[0]
+    calls = []
+
+    def latency_of(removed):  # a stand-in timer: latency proportional to MACs
+        calls.append(1)
+        return estimate(g, removed)[0] / m0
+
+    base = profile(model, x)
+    kw = dict(base_macs=base.macs, base_params=base.params, round_to=8)
+    by_latency = plan(g, scores, target_latency=0.6, latency_of=latency_of, **kw)
+    assert calls and estimate(g, by_latency)[0] / m0 <= 0.6
+    # the smallest removal meeting the goal: putting back the last rounding chunk of any group breaks it
+    assert estimate(g, by_latency)[0] / m0 > 0.5
+    with pytest.raises(SlimkitError, match="latency"):
+        plan(g, scores, target_latency=0.6, **kw)
+
+
+def test_prune_latency_target_measures_the_result():
+    model = slimkit.create_model("digits_cnn").eval()
+    r = _quiet_prune(model, torch.zeros(1, 1, 8, 8), criterion="l1", target_latency=0.95, latency_batch=4)
+    # a measured ratio (its value is machine noise for a model this small, so only its presence is asserted)
+    assert isinstance(r.latency_ratio, float) and np.isfinite(r.latency_ratio) and r.latency_ratio > 0
+    assert r.summary()["latency_ratio"] == r.latency_ratio
+    for bad in ({"target_latency": 1.5}, {"target_latency": 0.5, "target_macs": 0.5},
+                {"target_latency": 0.5, "latency_batch": 0}):
+        with pytest.raises(SlimkitError):
+            prune(model, torch.zeros(1, 1, 8, 8), **bad)

@@ -11,25 +11,13 @@ from slimkit.profile import profile
 from slimkit.quant import (OBSERVERS, calibrate, convert, fake_quant, fuse, is_quantized_module, quantize,
                            sensitivity)
 from slimkit.quant.core import make_qconfig, quiet
+from conftest import randomize_bn
 
 torch.set_num_threads(1)
 
 
 def _obs(name, **kw):
     return OBSERVERS.get(name)(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255, **kw)
-
-
-def _randomize_bn(model, seed=0):
-    # fresh BN layers are the identity; random statistics make folding and fusion non-trivial
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 def _batches(n, shape, seed=0, bs=16):
@@ -40,7 +28,7 @@ def _batches(n, shape, seed=0, bs=16):
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
-    model = _randomize_bn(slimkit.create_model("resnet20"))
+    model = randomize_bn(slimkit.create_model("resnet20"))
     prepared = calibrate(model, _batches(4, (3, 32, 32)), "minmax")
     return model, prepared, convert(prepared, (), model)
 
@@ -118,7 +106,7 @@ def test_ema_follows_its_formula():
 
 
 def test_fused_conv_bn_equals_unfused():
-    model = _randomize_bn(slimkit.create_model("resnet20"))
+    model = randomize_bn(slimkit.create_model("resnet20"))
     fused = fuse(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     x = torch.randn(4, 3, 32, 32)
@@ -181,7 +169,7 @@ def test_save_load_round_trip_is_exact(resnet, tmp_path):
 
 
 def test_keep_float_layer_stays_float_and_round_trips(tmp_path):
-    model = _randomize_bn(slimkit.create_model("resnet20"))
+    model = randomize_bn(slimkit.create_model("resnet20"))
     q = quantize(model, _batches(2, (3, 32, 32)), "percentile", keep_float=["layer1.0.conv1", "linear"])
     layers = dict(q.model.named_modules())
     assert not is_quantized_module(layers["layer1.0.conv1"]) and isinstance(layers["linear"], nn.Linear)
@@ -203,7 +191,7 @@ def _sabotaged_digits():
     every other weight of the layer rounds to zero: that layer must be the most sensitive.
     """
     torch.manual_seed(0)
-    model = _randomize_bn(slimkit.create_model("digits_cnn"))
+    model = randomize_bn(slimkit.create_model("digits_cnn"))
     f = model.features
     with torch.no_grad():
         f[0].weight[0] = 0
@@ -258,7 +246,7 @@ def test_onnx_qdq_export(tmp_path):
     from slimkit.quant import export_onnx_qdq
     from slimkit.quant.onnx import OrtModule
 
-    model = _randomize_bn(slimkit.create_model("digits_cnn"))
+    model = randomize_bn(slimkit.create_model("digits_cnn"))
     calib = _batches(2, (1, 8, 8))
     path = export_onnx_qdq(model, calib, str(tmp_path / "q.onnx"))
     graph = onnx.load(path).graph
@@ -276,7 +264,7 @@ def test_onnx_qdq_export(tmp_path):
 
 
 def test_conversion_is_deterministic():
-    model = _randomize_bn(slimkit.create_model("digits_cnn"))
+    model = randomize_bn(slimkit.create_model("digits_cnn"))
     calib = _batches(2, (1, 8, 8))
     a, b = quantize(model, calib, "entropy"), quantize(model, calib, "entropy")
     sa, sb = a.state_dict(), b.state_dict()

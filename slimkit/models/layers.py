@@ -10,6 +10,7 @@ spec and only their registered children change.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..artifact import register_module
@@ -98,19 +99,62 @@ class ChannelwiseConv(nn.Module):
     (C, H, W) with a (k, 1, 1) kernel, which every exporter understands.
     """
 
-    def __init__(self, groups: int, kernel_size: int, padding: int = 0, stride: int = -1) -> None:
+    def __init__(self, groups: int, kernel_size: int, padding: int = 0, stride: int = -1, pad_end: int = -1) -> None:
         super().__init__()
         self.groups, self.kernel_size, self.padding = groups, kernel_size, padding
-        self.stride = stride
-        self.conv = nn.Conv3d(1, groups, (kernel_size, 1, 1), (groups if stride < 0 else stride, 1, 1), (padding, 0, 0),
-                              bias=False)
+        self.stride, self.pad_end = stride, pad_end
+        # ``pad_end`` >= 0 pads the end of the channel axis differently from its start: an even
+        # kernel keeps the channel count only with TensorFlow's "same" split (k//2 - 1, k//2),
+        # which Conv3d's symmetric padding cannot express (ChannelNet-v2's kernel is 64)
+        self._asym = pad_end >= 0 and pad_end != padding
+        self.conv = nn.Conv3d(1, groups, (kernel_size, 1, 1), (groups if stride < 0 else stride, 1, 1),
+                              (0 if self._asym else padding, 0, 0), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        return self.conv(x.unsqueeze(1)).reshape(n, -1, h, w)  # (n, groups, depth, h, w) -> channels
+        x = x.unsqueeze(1)
+        if self._asym:
+            x = F.pad(x, (0, 0, 0, 0, self.padding, self.pad_end))
+        return self.conv(x).reshape(n, -1, h, w)  # (n, groups, depth, h, w) -> channels
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, kernel_size={self.kernel_size}, padding={self.padding}"
+        end = f", pad_end={self.pad_end}" if self._asym else ""
+        return f"groups={self.groups}, kernel_size={self.kernel_size}, padding={self.padding}{end}"
+
+
+@register_module
+class ConvClassifier(nn.Module):
+    """ChannelNets' convolutional classification layer (Gao et al. 2018, sec. 3.4).
+
+    Replaces global average pooling plus the fully-connected layer: one 3-D convolution over
+    the final (C, H, W) feature map, seen as a single-channel volume, with a kernel of
+    ``feature_size x feature_size`` spatially and ``in_channels - num_classes + 1`` along the
+    channel axis, no padding, so it yields exactly ``num_classes`` outputs. Spatially it is a
+    depthwise conv the size of the map (the pooling, learnt); along the channels a shared
+    channel-wise conv (the classifier), so each class sees ``C - n + 1`` adjacent features with
+    the same weights. Parameters: ``feature_size**2 * (C - n + 1)`` (1,225 for 7x7x1024 ->
+    1000) where a 1024->1000 FC layer has 1.03M. No bias, as the paper counts none.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, feature_size: int) -> None:
+        super().__init__()
+        if not 0 < num_classes <= in_channels:
+            raise ValueError(f"the convolutional classifier needs 0 < num_classes <= in_channels, got {num_classes} "
+                             f"classes from {in_channels} channels")
+        self.in_channels, self.num_classes, self.feature_size = in_channels, num_classes, feature_size
+        self.conv = nn.Conv3d(1, 1, (in_channels - num_classes + 1, feature_size, feature_size), bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel covers the whole map only at the size it was built for; any other size would
+        # silently give num_classes * (extra positions) logits, so fail loudly instead (not while
+        # tracing, where the shape is fixed by the example input and the check is a constant)
+        if not torch.jit.is_tracing() and (x.shape[-1] != self.feature_size or x.shape[-2] != self.feature_size):
+            raise ValueError(f"ConvClassifier was built for {self.feature_size}x{self.feature_size} feature maps, "
+                             f"got {tuple(x.shape[-2:])}")
+        return self.conv(x.unsqueeze(1)).flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, num_classes={self.num_classes}, feature_size={self.feature_size}"
 
 
 @register_module

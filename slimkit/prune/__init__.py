@@ -9,7 +9,9 @@
     r.summary()      # params/MACs before and after (profiler), warnings, unprunable layers
 
 See docs/prune.md for how channels are grouped (:mod:`slimkit.prune.graph`), the criteria
-(:mod:`slimkit.prune.importance`) and the policies (:mod:`slimkit.prune.pruner`).
+(:mod:`slimkit.prune.importance`; the data-driven reconstruction criteria and the least-squares
+weight reconstruction in :mod:`slimkit.prune.reconstruct`) and the policies
+(:mod:`slimkit.prune.pruner`).
 """
 
 from __future__ import annotations
@@ -18,26 +20,35 @@ from torch import nn
 
 from ..pipeline import Context, register_stage, run_finetune
 from .graph import ChannelGraph, Group, LayerRecord, build_graph
-from .importance import CRITERIA, compute_importance, slimming_penalty
+from .importance import CRITERIA, DATA_CRITERIA, compute_importance, slimming_penalty, sparsity_term, ssl_penalty
 from .pruner import PrunedPadShortcut, PruneResult, apply_plan, estimate, plan, prune, prune_once
+from . import dcp  # noqa: F401  (registers the dcp criterion)
+from .reconstruct import RECONSTRUCT_MODES, reconstruct_mode, reconstruct_weights  # registers thinet, lasso
 
-__all__ = ["CRITERIA", "ChannelGraph", "Group", "LayerRecord", "PruneResult", "PrunedPadShortcut", "apply_plan",
-           "build_graph", "compute_importance", "estimate", "plan", "prune", "prune_once", "prune_stage",
-           "slimming_penalty"]
+__all__ = ["CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
+           "PrunedPadShortcut", "apply_plan", "build_graph", "compute_importance", "estimate", "plan", "prune",
+           "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "slimming_penalty",
+           "sparsity_term", "ssl_penalty"]
 
 
 @register_stage("prune")
 def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_macs: float | None = None,
                 target_params: float | None = None, ratio: float | None = None, ratios: dict | None = None,
                 round_to: int = 8, protected: list[str] | None = None, steps: int = 1, step_finetune: dict | None = None,
-                batches: int = 8, sparsity: dict | None = None) -> nn.Module:
-    """Recipe stage: structured pruning (criteria of Li et al. 2017, Molchanov et al. 2017/2019, Liu et al. 2017).
+                batches: int = 8, sparsity: dict | None = None, reconstruct: bool | str | None = None,
+                target_latency: float | None = None, latency_batch: int = 1) -> nn.Module:
+    """Recipe stage: structured pruning (criteria of Li et al. 2017, Molchanov et al. 2017/2019, Liu et al. 2017,
+    Wen et al. 2016, Luo et al. 2017, He et al. 2017, Zhuang et al. 2018).
 
     Policy and criterion as :func:`prune`. ``steps`` > 1 prunes iteratively with
     ``step_finetune`` (fit options, default one epoch at lr 0.01) between steps; ``batches``
-    training batches feed the ``taylor`` criterion; ``sparsity: {epochs, lr, strength}`` first
-    trains with Network Slimming's L1 term on batch-norm scales (Liu et al. 2017). The kept
-    channel indices are recorded in the stage's provenance and written to the stage folder.
+    training batches feed the data-driven criteria (:data:`DATA_CRITERIA`) and the weight
+    reconstruction; ``sparsity: {epochs, lr, strength}`` first trains with the criterion's
+    sparsity term (:func:`sparsity_term`: SSL's group lasso for ``ssl``, Network Slimming's L1 on
+    batch-norm scales otherwise); ``reconstruct`` (see :func:`reconstruct_mode`; by default on
+    for ``thinet`` and ``lasso``) re-solves the cut layers' weights against the unpruned model
+    after the last step. The kept channel indices are recorded in the stage's provenance and
+    written to the stage folder.
     """
     import dataclasses
     import json
@@ -57,11 +68,12 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
     if sparsity:
         opts = dict(sparsity)
         strength = float(opts.pop("strength", 1e-4))
-        run_finetune(model, sub("sparsity"), extra_losses={"slimming": slimming_penalty(strength)}, **opts)
+        name, term = sparsity_term(criterion, model, x, strength)
+        run_finetune(model, sub("sparsity"), extra_losses={name: term}, **opts)
     kwargs = {}
-    if criterion == "taylor":
+    if criterion in DATA_CRITERIA or reconstruct_mode(criterion, reconstruct):
         kwargs = {"loader": ctx.data.loader("train", ctx.batch_size, seed=ctx.seed), "batches": batches,
-                  "device": ctx.device}
+                  "device": ctx.device, "seed": ctx.seed}
     elif criterion == "random":
         kwargs = {"seed": ctx.seed}
 
@@ -70,7 +82,8 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
 
     result = prune(model, x, criterion=criterion, target_macs=target_macs, target_params=target_params, ratio=ratio,
                    ratios=ratios, round_to=round_to, protected=tuple(protected or ()), steps=steps,
-                   finetune=between, inplace=True, **kwargs)
+                   finetune=between, inplace=True, reconstruct=reconstruct, target_latency=target_latency,
+                   latency_batch=latency_batch, **kwargs)
     result.model.slimkit_prune = {"kept": result.kept, **result.summary()}
     ctx.details.update(result.model.slimkit_prune)  # kept indices go into the artifact's provenance
     atomic_write_text(os.path.join(ctx.stage_dir("prune"), "kept_channels.json"),

@@ -26,15 +26,24 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--target-macs", type=float, help="keep this fraction of the original MACs (e.g. 0.5)")
     policy.add_argument("--target-params", type=float, help="keep this fraction of the original parameters")
+    policy.add_argument("--target-latency", type=float,
+                        help="keep this fraction of the original's measured eager latency on this machine")
     policy.add_argument("--ratio", type=float, help="uniform: remove this fraction of every group's channels")
+    parser.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is timed at")
     parser.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (default 8)")
     parser.add_argument("--protect", default="", help="comma-separated layer names whose shape must not change")
     parser.add_argument("--steps", type=int, default=1, help="iterative pruning steps (fine-tuning in between)")
-    parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (accuracy, taylor, fine-tuning)")
+    parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (accuracy, data-driven criteria, "
+                                       "fine-tuning)")
     parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=8, help="training batches for the taylor criterion")
+    parser.add_argument("--batches", type=int, default=8,
+                        help="training batches for the data-driven criteria (taylor, thinet, lasso, dcp) and the "
+                             "weight reconstruction")
+    parser.add_argument("--reconstruct", default="auto", choices=("auto", "none", "scale", "full"),
+                        help="least-squares reconstruction of the cut layers after pruning (auto: ThiNet's 'scale' "
+                             "for thinet, He et al.'s 'full' for lasso, none otherwise)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each) step")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     parser.add_argument("--distill", help="fine-tune with the unpruned model as teacher (e.g. kd, at, kd+at)")
@@ -45,7 +54,8 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def cli_prune(args: argparse.Namespace) -> dict:
-    """Prune a model's channels (criteria of Li et al. 2017, Molchanov et al. 2019, Liu et al. 2017), write ``OUT``.
+    """Prune a model's channels (criteria of Li et al. 2017, Molchanov et al. 2019, Liu et al. 2017, Wen et al. 2016,
+    Luo et al. 2017, He et al. 2017, Zhuang et al. 2018), write ``OUT``.
 
     Returns parameters and MACs before/after (profiler), test top-1 before/after when
     ``--data`` is given (after the optional fine-tuning), the kept channel indices (also in
@@ -60,24 +70,26 @@ def cli_prune(args: argparse.Namespace) -> dict:
     from ..models import create_model
     from ..models.registry import is_artifact_path, model_input_size
     from ..train import evaluate, fit
+    from .importance import CRITERIA, DATA_CRITERIA
     from .pruner import prune
-
-    from .importance import CRITERIA
+    from .reconstruct import reconstruct_mode
 
     CRITERIA.get(args.criterion)  # a typo fails before any data or model is loaded
+    mode = reconstruct_mode(args.criterion, getattr(args, "reconstruct", "auto"))
     log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if args.target_macs is None and args.target_params is None and args.ratio is None:
-        raise SlimkitError("prune: give --target-macs, --target-params or --ratio")
+    if args.target_macs is None and args.target_params is None and args.ratio is None and args.target_latency is None:
+        raise SlimkitError("prune: give --target-macs, --target-params, --target-latency or --ratio")
     data = None
     if args.data:
         from ..data import load
 
         data = load(args.data, limit=args.limit, seed=args.seed)
-    needs_data = args.criterion == "taylor" or args.finetune_epochs
+    needs_data = args.criterion in DATA_CRITERIA or mode or args.finetune_epochs
     if needs_data and data is None:
-        what = "--criterion taylor" if args.criterion == "taylor" else "--finetune-epochs"
+        what = (f"--criterion {args.criterion}" if args.criterion in DATA_CRITERIA
+                else f"--reconstruct {mode}" if mode else "--finetune-epochs")
         raise SlimkitError(f"prune: --data is needed for {what}")
     num_classes = None if is_artifact_path(args.model) else (
         args.num_classes or (data.info.num_classes if data else None))
@@ -94,8 +106,9 @@ def cli_prune(args: argparse.Namespace) -> dict:
     before = evaluate(model, test_loader) if data else None
 
     kwargs = {}
-    if args.criterion == "taylor":
-        kwargs = {"loader": data.loader("train", args.batch_size, seed=args.seed), "batches": args.batches}
+    if args.criterion in DATA_CRITERIA or mode:
+        kwargs = {"loader": data.loader("train", args.batch_size, seed=args.seed), "batches": args.batches,
+                  "seed": args.seed}
     elif args.criterion == "random":
         kwargs = {"seed": args.seed}
 
@@ -116,8 +129,10 @@ def cli_prune(args: argparse.Namespace) -> dict:
     protect = [n for n in args.protect.split(",") if n]
     result = prune(model, example, criterion=args.criterion, target_macs=args.target_macs,
                    target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
-                   steps=args.steps, finetune=finetune, **kwargs)
-    pruned = result.model
+                   steps=args.steps, finetune=finetune, target_latency=args.target_latency,
+                   latency_batch=args.latency_batch, reconstruct=mode or False, **kwargs)
+    pruned = result.model  # reconstructed (if asked) before fine-tuning: the better start (He et al. 2017)
+    reconstruction = result.reconstruction["layers"] if result.reconstruction else None
     if args.finetune_epochs:
         finetune(pruned, args.steps)
     pruned.eval()
@@ -125,8 +140,9 @@ def cli_prune(args: argparse.Namespace) -> dict:
     after = evaluate(pruned, test_loader) if data else None
 
     params = {"criterion": args.criterion, "target_macs": args.target_macs, "target_params": args.target_params,
+              "target_latency": args.target_latency, "latency_batch": args.latency_batch,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
-              "finetune_epochs": args.finetune_epochs, "distill": args.distill}
+              "finetune_epochs": args.finetune_epochs, "distill": args.distill, "reconstruct": mode}
     summary = result.summary()
     metrics = {k: summary[k] for k in ("params_after", "macs_after")}
     if after:
@@ -140,7 +156,10 @@ def cli_prune(args: argparse.Namespace) -> dict:
            "params_before": result.params_before, "params_after": result.params_after,
            "macs_before": result.macs_before, "macs_after": result.macs_after,
            "macs_ratio": summary["macs_ratio"], "params_ratio": summary["params_ratio"],
+           "latency_ratio": result.latency_ratio,
            "warnings": result.warnings, "unprunable": result.unprunable, "kept": result.kept}
+    if reconstruction is not None:
+        out["reconstruction"] = reconstruction
     if data:
         out.update({"data": args.data, "test_top1_before": before["top1"], "test_top1_after": after["top1"],
                     "top1_drop": before["top1"] - after["top1"]})

@@ -10,15 +10,19 @@ solves; the formulation here works on single channels:
 * the model is traced with ``torch.fx`` and run once on an example input to learn every
   tensor's shape;
 * every channel position of every tensor carries a *slot* (an integer); a conv/linear output,
-  a PadShortcut's zero padding and the model input create new slots; operations that keep
+  an option-A shortcut's output and the model input create new slots; operations that keep
   channel identity pass slots through (BN, activations, pooling, dropout, spatial slicing);
   ``torch.cat`` on channels concatenates slot lists; ``flatten`` before a linear repeats each
   slot ``H*W`` times (each channel maps to ``H*W`` input features);
 * operations that tie positions together (residual ``+``, gates ``x * s``, a depthwise conv
   whose input and output channel are the same channel, a module called more than once) merge
   slots with a union-find; a merged set is a *channel class*, the unit that is kept or removed;
-* a *group* is a set of classes joined by sharing a producing layer (so a ResNet's whole
-  residual trunk, including the channels an option-A shortcut zero-pads, is one group); an
+* an option-A shortcut (subsample + zero channels) makes fresh slots rather than passing its
+  input's through: after pruning it routes each kept input channel to its position and puts
+  zeros where the source was removed, so each stage's trunk is a group of its own instead of
+  every stage being tied to the channels of the first;
+* a *group* is a set of classes joined by sharing a producing layer (so a ResNet stage's whole
+  residual trunk, including the channels its option-A shortcut zero-pads, is one group); an
   *atom* is the set of classes of a group that appear in exactly the same layers, and rounding
   to a channel multiple is applied per atom, so every layer's width stays a multiple;
 * anything it cannot follow exactly (a reshape across channels, channel shuffle, ``chunk``, a
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
+from .trace import pad_types, trace
 
 __all__ = ["ChannelGraph", "Group", "LayerRecord", "build_graph"]
 
@@ -75,7 +80,8 @@ class LayerRecord:
     """One module with channel-indexed parameters and the slots of its channel dimensions.
 
     ``kind`` is ``conv`` (dense conv), ``dwconv`` (depthwise: input channel i is output channel
-    i), ``gconv`` (other grouped conv, blocked), ``linear``, ``bn`` or ``pad`` (PadShortcut).
+    i), ``gconv`` (other grouped conv, blocked), ``linear``, ``bn`` or ``pad`` (an option-A
+    shortcut: PadShortcut or PrunedPadShortcut).
     ``macs_unit`` is the per-(in, out)-channel MAC factor summed over all calls (``k*k*Hout*Wout``
     for a conv, rows for a linear), which lets the pruner predict MACs from channel counts.
     """
@@ -137,46 +143,6 @@ _BINARY_FUNCS = {operator.add, operator.iadd, operator.sub, operator.isub, opera
                  operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 _REDUCE = {"mean", "sum", "amax", "amin"}
-
-
-def _leaf_types() -> tuple[type, ...]:
-    from ..models.cifar_resnet import PadShortcut
-    from ..models.layers import ChannelShuffle, ChannelwiseConv
-
-    return (PadShortcut, ChannelShuffle, ChannelwiseConv)
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, extra_leaves: set[int]) -> None:
-        super().__init__()
-        self.extra_leaves = extra_leaves
-        self.leaf_types = _leaf_types()
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (id(m) in self.extra_leaves or isinstance(m, self.leaf_types)
-                or super().is_leaf_module(m, qualname))
-
-
-def _trace(model: nn.Module) -> tuple[fx.GraphModule, set[int]]:
-    """Trace ``model``; a submodule fx cannot trace becomes an opaque leaf (its channels blocked)."""
-    leaves: set[int] = set()
-    try:
-        return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
-    except Exception as first:  # fx raises many types (TraceError, TypeError...) on dynamic code
-        err = first
-    for name, sub in model.named_modules():
-        if not name or type(sub).__module__.startswith("torch.nn") or isinstance(sub, _leaf_types()):
-            continue
-        try:
-            _Tracer(leaves).trace(sub)
-        except Exception:
-            leaves.add(id(sub))
-    try:
-        return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
-    except Exception as e:
-        raise SlimkitError(f"cannot trace {type(model).__name__} with torch.fx for pruning ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}); no single untraceable submodule "
-                           f"explains it: {e}") from e
 
 
 def _shape(node: fx.Node):
@@ -385,7 +351,6 @@ class _Builder:
         return self.opaque(node, env, f"{name} reduces over channels")
 
     def visit_module(self, node, env, x, in_shape, out_shape):
-        from ..models.cifar_resnet import PadShortcut
         from ..models.layers import ChannelShuffle
 
         m = self.gm.get_submodule(node.target)
@@ -420,10 +385,10 @@ class _Builder:
             rec = self.record(name, m, "bn", x, x, 0)
             self.uf.union(rec.in_slots, x)
             return rec.in_slots
-        if isinstance(m, PadShortcut):
-            extra = m.out_channels - m.in_channels
-            before, after = self.uf.new(extra // 2), self.uf.new(extra - extra // 2)
-            rec = self.record(name, m, "pad", x, np.concatenate([before, x, after]), 0)
+        if isinstance(m, pad_types()):
+            # Fresh output channels, not the input's: a pruned shortcut can carry a zero where its
+            # source channel was removed, so the stages of an option-A ResNet prune independently.
+            rec = self.record(name, m, "pad", x, self.uf.new(m.out_channels), 0)
             return rec.out_slots
         if isinstance(m, (ChannelShuffle, nn.ChannelShuffle)):
             return self.opaque(node, env, "channel shuffle reorders channels across groups")
@@ -446,7 +411,7 @@ def build_graph(model: nn.Module, example_input: torch.Tensor,
     emitted as Python warnings); the returned graph never allows a removal that would change
     the function other than by dropping the chosen channels.
     """
-    gm, leaves = _trace(model)
+    gm, leaves = trace(model)
     b = _Builder(model, gm, leaves)
     b.run(example_input)
     n = len(b.uf.parent)

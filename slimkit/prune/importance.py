@@ -12,6 +12,13 @@ Registered in :data:`CRITERIA` (``fn(model, graph, *, loader, batches, seed, dev
 * ``taylor``: first-order Taylor expansion of the loss (Molchanov et al., ICLR 2017 and CVPR 2019).
 * ``slimming``: batch-norm ``|gamma|`` (Liu et al., ICCV 2017, "Learning Efficient Convolutional
   Networks through Network Slimming"); :func:`slimming_penalty` is its L1 training term.
+* ``ssl``: group L2 norm of all weights that go with a channel (Wen et al., NIPS 2016, "Learning
+  Structured Sparsity in Deep Neural Networks"); :func:`ssl_penalty` is its group-lasso term.
+* ``thinet``, ``lasso``, ``dcp``: data-driven reconstruction criteria of the next layer, in
+  :mod:`slimkit.prune.reconstruct` (Luo et al. 2017, He et al. 2017, Zhuang et al. 2018).
+
+Criteria named in :data:`DATA_CRITERIA` need data: callers pass ``loader``, ``batches``,
+``device`` and ``seed``; the others ignore them.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ Criterion = Callable[..., np.ndarray]
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
 _PRODUCERS = ("conv", "dwconv", "linear")
 
-__all__ = ["CRITERIA", "compute_importance", "slimming_penalty"]
+DATA_CRITERIA: set[str] = {"taylor"}  # criteria that read batches; reconstruct.py adds its own
+
+__all__ = ["CRITERIA", "DATA_CRITERIA", "compute_importance", "slimming_penalty", "sparsity_term", "ssl_penalty"]
 
 
 def _mean_over_members(graph: ChannelGraph, per_member: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -147,10 +156,12 @@ def compute_importance(criterion: str, model: nn.Module, graph: ChannelGraph, **
     """Scores (one per channel class of ``graph``) by the registered criterion ``criterion``.
 
     Criteria and papers: ``l1``/``l2`` (Li et al. 2017), ``taylor`` (Molchanov et al. 2017/2019),
-    ``slimming`` (Liu et al. 2017), ``random`` (control).
+    ``slimming`` (Liu et al. 2017), ``ssl`` (Wen et al. 2016), ``thinet`` (Luo et al. 2017),
+    ``lasso`` (He et al. 2017), ``dcp`` (Zhuang et al. 2018), ``random`` (control).
 
     Higher means more important; ``NaN`` means "cannot be measured, keep". ``kwargs`` go to the
-    criterion (``loader``/``batches``/``device`` for ``taylor``, ``seed`` for ``random``).
+    criterion (``loader``/``batches``/``device``/``seed`` for those in :data:`DATA_CRITERIA`,
+    ``seed`` for ``random``).
     """
     return np.asarray(CRITERIA.get(criterion)(model, graph, **kwargs), dtype=np.float64)
 
@@ -169,3 +180,90 @@ def slimming_penalty(strength: float = 1e-4) -> Callable[..., torch.Tensor]:
         return strength * torch.stack(gammas).sum()
 
     return term
+
+
+# -- structured sparsity learning (Wen et al., NIPS 2016) -------------------------------------------
+
+def _index(cache: dict, name: str, side: str, cls: np.ndarray, device: torch.device) -> torch.Tensor:
+    key = (name, side, device)
+    if key not in cache:
+        cache[key] = torch.as_tensor(cls, dtype=torch.long, device=device)
+    return cache[key]
+
+
+def _class_sq_norms(graph: ChannelGraph, cache: dict | None = None) -> torch.Tensor:
+    """Per class, the sum of squares of every weight removed with it (differentiable).
+
+    That is its producers' filter rows and biases, depthwise filters, batch-norm gamma and beta,
+    and its consumers' input columns: SSL's filter-wise and channel-wise groups of one channel
+    joined, because structured pruning removes them together.
+    """
+    total: torch.Tensor | None = None
+    cache = {} if cache is None else cache  # index tensors, reused across training steps
+    for rec in graph.layers.values():
+        m = rec.module
+        w = getattr(m, "weight", None)
+        if w is None or rec.kind not in ("conv", "dwconv", "linear", "bn"):
+            continue
+        if total is None:
+            total = torch.zeros(graph.num_classes, dtype=w.dtype, device=w.device)
+        if rec.out_cls is not None:
+            rows = w.pow(2).reshape(w.shape[0], -1).sum(1)
+            b = getattr(m, "bias", None)
+            if b is not None:
+                rows = rows + b.pow(2)
+            total = total.index_add(0, _index(cache, rec.name, "out", rec.out_cls, w.device), rows)
+        if rec.kind in ("conv", "linear") and rec.in_cls is not None:
+            cols = w.pow(2).sum(0)
+            cols = cols.reshape(cols.shape[0], -1).sum(1)
+            total = total.index_add(0, _index(cache, rec.name, "in", rec.in_cls, w.device), cols)
+    return total if total is not None else torch.zeros(graph.num_classes)
+
+
+@CRITERIA.register("ssl")
+def ssl_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
+    """Group L2 norm of each channel (Wen et al., NIPS 2016, "Learning Structured Sparsity in DNNs").
+
+    A class's score is the L2 norm over every weight that is removed with it in all member layers
+    (producer rows and biases, depthwise filters, BN gamma/beta, consumer input columns). Raw, not
+    layer-normalised: after training with :func:`ssl_penalty` the groups driven to zero go first.
+    """
+    with torch.no_grad():
+        return _class_sq_norms(graph).double().sqrt().cpu().numpy()
+
+
+def ssl_penalty(model: nn.Module, graph_or_example: ChannelGraph | torch.Tensor,
+                strength: float = 1e-4) -> Callable[..., torch.Tensor]:
+    """The group-lasso term of Structured Sparsity Learning (Wen et al., NIPS 2016, eq. 2) over channels.
+
+    Returns ``term(batch) -> strength * sum_k ||W_k||_2`` over the prunable channel classes ``k``
+    of ``model``'s :class:`ChannelGraph` (given, or built from an example input), where ``W_k`` is
+    every weight removed with class ``k`` (see ``ssl`` above); the form :func:`slimkit.train.fit`
+    takes in ``extra_losses``. The term reads ``model``'s live weights, so build it for the model
+    being trained (and again after pruning changes its shape).
+    """
+    from .graph import build_graph
+
+    graph = graph_or_example if isinstance(graph_or_example, ChannelGraph) else build_graph(model, graph_or_example)
+    mask = torch.as_tensor(graph.prunable())
+    cache: dict = {}
+
+    def term(batch) -> torch.Tensor:
+        sq = _class_sq_norms(graph, cache)
+        # the epsilon keeps the gradient finite once a group reaches zero
+        return strength * (sq[mask.to(sq.device)] + 1e-12).sqrt().sum()
+
+    return term
+
+
+def sparsity_term(criterion: str, model: nn.Module, example: torch.Tensor,
+                  strength: float = 1e-4) -> tuple[str, Callable[..., torch.Tensor]]:
+    """The sparsity-training term that suits ``criterion``, as ``(name, term)`` for ``extra_losses``.
+
+    ``ssl`` gets its group lasso (Wen et al., NIPS 2016); every other criterion gets Network
+    Slimming's L1 term on batch-norm scales (Liu et al., ICCV 2017), the recipe stage's
+    historical ``sparsity:`` behaviour.
+    """
+    if criterion == "ssl":
+        return "ssl", ssl_penalty(model, example, strength)
+    return "slimming", slimming_penalty(strength)

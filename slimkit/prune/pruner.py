@@ -1,4 +1,4 @@
-"""Pruning policies and the surgery that turns a channel plan into a smaller ``nn.Module``.
+"""Pruning policies: which channels to remove, and the one-shot / iterative driver (surgery: :mod:`.surgery`).
 
 Policies (exactly one per call):
 
@@ -8,6 +8,11 @@ Policies (exactly one per call):
   with large weights do not keep all their channels), and the lowest are removed, as many as
   needed: the count is found by bisection on a cost model that is exact for the profiler's
   conv/linear rules, and the result is checked with :func:`slimkit.profile.profile`.
+* ``target_latency=f``: the same ranking, to a fraction ``f`` of the original model's measured
+  latency (eager, batch ``latency_batch``, this process's thread setting). Each bisection probe
+  builds the candidate and times it against the original with :func:`slimkit.bench.compare`
+  (interleaved pairs, median ratio), so the target is met on the machine that prunes; no
+  give-back pass (timing noise would make it flip chunks at random).
 * ``ratio=r``: uniform, every group loses the fraction ``r`` of its channels.
 * ``ratios={layer: r}``: explicit per-layer ratios for the group that layer produces (others keep
   ``ratio`` or 0).
@@ -28,38 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifact import register_module
 from ..errors import SlimkitError
 from .graph import ChannelGraph, build_graph
-from .importance import CRITERIA, compute_importance
+from .importance import CRITERIA, DATA_CRITERIA, compute_importance
+from .reconstruct import reconstruct_mode, reconstruct_weights
+from .surgery import PrunedPadShortcut, apply_plan, pad_sources  # noqa: F401  (re-exported)
 
-__all__ = ["PrunedPadShortcut", "PruneResult", "apply_plan", "estimate", "plan", "prune", "prune_once"]
-
-
-@register_module
-class PrunedPadShortcut(nn.Module):
-    """Option-A shortcut with an explicit split of the zero channels (``before`` then the rest after).
-
-    :class:`slimkit.models.cifar_resnet.PadShortcut` always pads ``extra // 2`` channels first;
-    after pruning, the kept zero channels before and after the input can be any two counts.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, before: int = 0) -> None:
-        super().__init__()
-        if out_channels < in_channels + before:
-            raise ValueError(f"PrunedPadShortcut: {in_channels} + {before} > {out_channels}")
-        self.in_channels, self.out_channels, self.stride, self.before = in_channels, out_channels, stride, before
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        after = self.out_channels - self.in_channels - self.before
-        if self.before or after:
-            x = torch.nn.functional.pad(x, (0, 0, 0, 0, self.before, after))
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, before={self.before}"
+__all__ = ["PrunedPadShortcut", "PruneResult", "apply_plan", "estimate", "pad_sources", "plan", "prune", "prune_once"]
 
 
 @dataclass
@@ -74,6 +54,8 @@ class PruneResult:
     macs_after: int
     warnings: list[str] = field(default_factory=list)
     unprunable: list[str] = field(default_factory=list)
+    latency_ratio: float | None = None  # measured pruned/original latency, for a target_latency policy
+    reconstruction: dict | None = None  # {"mode", "layers": {name: {"before", "after"}}} when weights were re-solved
 
     def summary(self) -> dict:
         """JSON-ready counts and warnings (without the kept indices)."""
@@ -81,7 +63,9 @@ class PruneResult:
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "macs_ratio": self.macs_after / max(self.macs_before, 1),
                 "params_ratio": self.params_after / max(self.params_before, 1),
-                "warnings": list(self.warnings), "unprunable": list(self.unprunable)}
+                "latency_ratio": self.latency_ratio, "reconstruction": self.reconstruction,
+                "warnings": list(self.warnings),
+                "unprunable": list(self.unprunable)}
 
 
 # -- cost model ---------------------------------------------------------------------------------
@@ -162,7 +146,8 @@ def _removal(graph: ChannelGraph, norm: np.ndarray, proposed: np.ndarray, round_
 
 def plan(graph: ChannelGraph, scores: np.ndarray, *, base_macs: int, base_params: int, target_macs: float | None = None,
          target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
-         round_to: int = 8, reference_macs: int | None = None, reference_params: int | None = None) -> np.ndarray:
+         round_to: int = 8, reference_macs: int | None = None, reference_params: int | None = None,
+         target_latency: float | None = None, latency_of: Callable[[np.ndarray], float] | None = None) -> np.ndarray:
     """Boolean mask of the channel classes to remove under one policy (see the module docstring).
 
     Global policies rank classes by importance normalised per group (Molchanov et al., CVPR
@@ -170,7 +155,8 @@ def plan(graph: ChannelGraph, scores: np.ndarray, *, base_macs: int, base_params
 
     ``target_macs``/``target_params`` are fractions of ``reference_macs``/``reference_params``
     (default: this model's ``base_macs``/``base_params``, the profiler's counts), which lets
-    iterative pruning aim every step at a fraction of the *original* model.
+    iterative pruning aim every step at a fraction of the *original* model. ``target_latency``
+    needs ``latency_of(removed)``, the candidate's latency as a fraction of the original's.
     """
     norm = _normalised(graph, scores)
     if ratio is not None or ratios:
@@ -187,15 +173,21 @@ def plan(graph: ChannelGraph, scores: np.ndarray, *, base_macs: int, base_params
     order = order[np.argsort(norm[order], kind="stable")]
     none = np.zeros(graph.num_classes, dtype=bool)
     m0, p0 = estimate(graph, none)
-    if target_macs is not None:
+    if target_latency is not None:
+        if latency_of is None:
+            raise SlimkitError("prune: target_latency needs a latency measurement (latency_of)")
+        goal, idx, base, fixed = target_latency, -1, 0, 0
+    elif target_macs is not None:
         goal, idx, base, fixed = target_macs * (reference_macs or base_macs), 0, base_macs, m0
     else:
         goal, idx, base, fixed = target_params * (reference_params or base_params), 1, base_params, p0
 
-    def total(k: int) -> tuple[int, np.ndarray]:
+    def total(k: int) -> tuple[float, np.ndarray]:
         proposed = none.copy()
         proposed[order[:k]] = True
         removed = _removal(graph, norm, proposed, round_to)
+        if idx < 0:
+            return latency_of(removed), removed
         return base - fixed + estimate(graph, removed)[idx], removed
 
     lo, hi = 0, len(order)
@@ -208,6 +200,8 @@ def plan(graph: ChannelGraph, scores: np.ndarray, *, base_macs: int, base_params
         else:
             lo = mid + 1
     cost, removed = total(lo)
+    if idx < 0:
+        return removed
     return _give_back(graph, norm, removed, round_to, goal, base - fixed, idx)
 
 
@@ -236,127 +230,6 @@ def _give_back(graph: ChannelGraph, norm: np.ndarray, removed: np.ndarray, round
     return removed
 
 
-# -- surgery ------------------------------------------------------------------------------------
-
-def _idx(keep: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.nonzero(keep)[0], dtype=torch.long)
-
-
-def _new_conv(m: nn.Conv2d, kin: torch.Tensor, kout: torch.Tensor, depthwise: bool) -> nn.Conv2d:
-    n_in, n_out = (len(kout), len(kout)) if depthwise else (len(kin), len(kout))
-    # skip_init: the weights are overwritten at once, and random init of a large layer costs seconds
-    new = nn.utils.skip_init(nn.Conv2d, n_in, n_out, m.kernel_size, m.stride, m.padding, m.dilation,
-                             groups=n_out if depthwise else 1, bias=m.bias is not None, padding_mode=m.padding_mode,
-                             device=m.weight.device, dtype=m.weight.dtype)
-    w = m.weight.detach()[kout]
-    new.weight.data.copy_(w if depthwise else w[:, kin])
-    if m.bias is not None:
-        new.bias.data.copy_(m.bias.detach()[kout])
-    new.train(m.training)
-    return new
-
-
-def _new_linear(m: nn.Linear, kin: torch.Tensor, kout: torch.Tensor) -> nn.Linear:
-    new = nn.utils.skip_init(nn.Linear, len(kin), len(kout), bias=m.bias is not None, device=m.weight.device,
-                             dtype=m.weight.dtype)
-    new.weight.data.copy_(m.weight.detach()[:, kin][kout] if len(kout) < len(kin) else m.weight.detach()[kout][:, kin])
-    if m.bias is not None:
-        new.bias.data.copy_(m.bias.detach()[kout])
-    new.train(m.training)
-    return new
-
-
-def _new_bn(m: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
-    ref = m.weight if m.weight is not None else m.running_mean
-    new = type(m)(len(keep), eps=m.eps, momentum=m.momentum, affine=m.affine,
-                  track_running_stats=m.track_running_stats,
-                  **({"device": ref.device, "dtype": ref.dtype} if ref is not None else {}))
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(m, name, None)
-        if t is not None:
-            getattr(new, name).data.copy_(t.detach()[keep])
-    if m.num_batches_tracked is not None:
-        new.num_batches_tracked.copy_(m.num_batches_tracked)
-    new.train(m.training)
-    return new
-
-
-def _new_pad(m: nn.Module, keep_in: np.ndarray, keep_out: np.ndarray) -> nn.Module:
-    from ..models.cifar_resnet import PadShortcut
-
-    extra = m.out_channels - m.in_channels
-    first = getattr(m, "before", extra // 2)
-    kin, kout = int(keep_in.sum()), int(keep_out.sum())
-    before = int(keep_out[:first].sum())
-    if before == (kout - kin) // 2:
-        return PadShortcut(kin, kout, m.stride)
-    return PrunedPadShortcut(kin, kout, m.stride, before)
-
-
-def _fix_attrs(model: nn.Module) -> None:
-    """Keep registered blocks' constructor attributes true to their pruned children (artifacts read them)."""
-    from ..models.layers import ConvBNAct, DepthwiseSeparable, SeparableConv, SqueezeExcite
-
-    for m in model.modules():
-        if isinstance(m, ConvBNAct):
-            m.in_channels, m.out_channels, m.groups = m[0].in_channels, m[0].out_channels, m[0].groups
-        elif isinstance(m, DepthwiseSeparable):
-            m.in_channels, m.out_channels = m[0].in_channels, m[1].out_channels
-        elif isinstance(m, SeparableConv):
-            m.in_channels, m.out_channels = m[0].in_channels, m[1].out_channels
-        elif isinstance(m, SqueezeExcite):
-            m.channels = m.fc1.in_channels
-
-
-def apply_plan(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> dict[str, dict[str, list[int]]]:
-    """Remove the classes ``removed`` from ``model`` in place; return the kept indices per changed layer.
-
-    Every layer a channel class touches is cut at once, as DepGraph (Fang et al., CVPR 2023)
-    prescribes for coupled layers.
-
-    Each changed layer is replaced by a smaller layer of the same ``torch.nn`` type holding the
-    kept slices of its weights (no masks); a module reachable under several names is replaced
-    under all of them. The result maps a layer name to ``{"in": [...], "out": [...]}`` (batch
-    norms and depthwise convs have only ``"out"``), indices into the layer as it was.
-    """
-    keep_cls = ~removed
-    paths: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        paths.setdefault(id(m), []).append(name)
-    kept: dict[str, dict[str, list[int]]] = {}
-    for name, rec in graph.layers.items():
-        m = rec.module
-        kin = keep_cls[rec.in_cls] if rec.in_cls is not None else None
-        kout = keep_cls[rec.out_cls] if rec.out_cls is not None else None
-        if (kin is None or kin.all()) and (kout is None or kout.all()):
-            continue
-        if rec.kind == "conv":
-            new = _new_conv(m, _idx(kin), _idx(kout), False)
-        elif rec.kind == "dwconv":
-            new = _new_conv(m, None, _idx(kout), True)
-        elif rec.kind == "linear":
-            new = _new_linear(m, _idx(kin), _idx(kout))
-        elif rec.kind == "bn":
-            new = _new_bn(m, _idx(kout))
-        elif rec.kind == "pad":
-            new = _new_pad(m, kin, kout)
-        else:
-            raise SlimkitError(f"internal: layer {name} ({rec.kind}) was blocked but the plan changes it")
-        entry = {"out": np.nonzero(kout)[0].tolist()}
-        if rec.kind in ("conv", "linear", "pad"):
-            entry["in"] = np.nonzero(kin)[0].tolist()
-        kept[name] = entry
-        for path in paths.get(id(m), [name]):
-            parent_name, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if isinstance(parent, (nn.Sequential, nn.ModuleList)) and attr.isdigit():
-                parent[int(attr)] = new
-            else:
-                setattr(parent, attr, new)
-    _fix_attrs(model)
-    return kept
-
-
 def _compose(old: dict, new: dict) -> dict:
     out = {k: {d: list(v) for d, v in e.items()} for k, e in old.items()}
     for name, entry in new.items():
@@ -365,15 +238,16 @@ def _compose(old: dict, new: dict) -> dict:
     return out
 
 
-def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, round_to, steps) -> None:
+def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, round_to, steps,
+                  target_latency=None) -> None:
     CRITERIA.get(criterion)  # unknown names fail here, listing the known ones
-    given = [n for n, v in (("target_macs", target_macs), ("target_params", target_params), ("ratio", ratio),
-                            ("ratios", ratios)) if v is not None]
+    given = [n for n, v in (("target_macs", target_macs), ("target_params", target_params),
+                            ("target_latency", target_latency), ("ratio", ratio), ("ratios", ratios)) if v is not None]
     if len(given) == 0:
-        raise SlimkitError("prune: give one of target_macs, target_params, ratio or ratios")
+        raise SlimkitError("prune: give one of target_macs, target_params, target_latency, ratio or ratios")
     if len(given) > 1 and not (set(given) == {"ratio", "ratios"}):
         raise SlimkitError(f"prune: give only one policy, got {', '.join(given)}")
-    for name, v in (("target_macs", target_macs), ("target_params", target_params)):
+    for name, v in (("target_macs", target_macs), ("target_params", target_params), ("target_latency", target_latency)):
         if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
             raise SlimkitError(f"prune: {name} is a fraction of the original in (0, 1], got {v!r}")
     for name, v in [("ratio", ratio)] + [(f"ratios[{k}]", r) for k, r in (ratios or {}).items()]:
@@ -383,6 +257,22 @@ def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, rou
         raise SlimkitError(f"prune: round_to must be a positive integer, got {round_to!r}")
     if not isinstance(steps, int) or steps < 1:
         raise SlimkitError(f"prune: steps must be a positive integer, got {steps!r}")
+
+
+def _latency_ratio(reference: nn.Module, model: nn.Module, graph: ChannelGraph, removed: np.ndarray,
+                   example_input: torch.Tensor, batch: int, candidate: nn.Module | None = None) -> float:
+    """Median interleaved latency ratio (candidate / reference), eager, ``batch``, current threads."""
+    from ..bench import compare
+
+    if candidate is None:
+        candidate = copy.deepcopy(model)
+        apply_plan(candidate, graph, removed)
+    r = compare(reference, candidate, tuple(example_input.shape[1:]), batch_sizes=(batch,),
+                threads=torch.get_num_threads(), modes=("eager",), warmup=2, repeats=9, min_time_s=0.2,
+                roofline=False)
+    if r.errors:
+        raise SlimkitError(f"prune: cannot time the candidate for target_latency: {r.errors}")
+    return r.ratio("eager", batch)
 
 
 def _profile(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -396,11 +286,15 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
                target_macs: float | None = None,
                target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
                round_to: int = 8, protected: tuple[str, ...] | list[str] = (), reference: tuple[int, int] | None = None,
-               before: tuple[int, int] | None = None, **criterion_kwargs) -> tuple[dict, ChannelGraph, tuple[int, int]]:
+               before: tuple[int, int] | None = None, target_latency: float | None = None,
+               latency_reference: nn.Module | None = None, latency_batch: int = 1,
+               **criterion_kwargs) -> tuple[dict, ChannelGraph, tuple[int, int]]:
     """One-shot pruning of ``model`` in place: build the graph, score, plan, cut, verify MACs.
 
     Returns ``(kept, graph, (macs, params) after)``. ``reference`` is the (MACs, params) the
-    targets are fractions of (default: this model's). Papers as in :func:`prune`.
+    targets are fractions of (default: this model's); ``latency_reference`` the model whose
+    latency ``target_latency`` is a fraction of (default: this model before the cut). Papers as
+    in :func:`prune`.
     """
     was = model.training
     model.eval()
@@ -411,6 +305,11 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
     scores = compute_importance(criterion, model, graph, **criterion_kwargs)
     kw = dict(base_macs=macs0, base_params=params0, target_macs=target_macs, target_params=target_params,
               ratio=ratio, ratios=ratios, round_to=round_to, reference_macs=ref_m, reference_params=ref_p)
+    if target_latency is not None:
+        ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
+        kw.update(target_latency=target_latency,
+                  latency_of=lambda removed: _latency_ratio(ref_model, model, graph, removed, example_input,
+                                                            latency_batch))
     removed = plan(graph, scores, **kw)
     kept = apply_plan(model, graph, removed)
     macs1, params1 = _profile(model, example_input)
@@ -434,20 +333,34 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
           target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
           round_to: int = 8, protected: tuple[str, ...] | list[str] = (), steps: int = 1,
           finetune: Callable[[nn.Module, int], None] | None = None, inplace: bool = False,
+          target_latency: float | None = None, latency_batch: int = 1, reconstruct: bool | str | None = None,
           **criterion_kwargs) -> PruneResult:
     """Structured channel pruning with a dependency graph (Li et al. 2017; Fang et al. 2023).
 
     Scores every channel class with ``criterion`` (see :data:`CRITERIA`: ``l1``/``l2`` of Li et
-    al. 2017, ``taylor`` of Molchanov et al. 2017/2019, ``slimming`` of Liu et al. 2017,
-    ``random``), removes the least important under one policy (``target_macs``,
-    ``target_params``, ``ratio`` or ``ratios``; see the module docstring), and returns a
+    al. 2017, ``taylor`` of Molchanov et al. 2017/2019, ``slimming`` of Liu et al. 2017, ``ssl``
+    of Wen et al. 2016, ``thinet`` of Luo et al. 2017, ``lasso`` of He et al. 2017, ``dcp`` of
+    Zhuang et al. 2018, ``random``), removes the least important under one policy (``target_macs``,
+    ``target_params``, ``target_latency`` -- a fraction of the input model's measured eager
+    latency at batch ``latency_batch`` on this machine --, ``ratio`` or ``ratios``; see the
+    module docstring), and returns a
     smaller plain ``nn.Module`` with the kept channel indices of every changed layer relative
     to the input model. With ``steps=k`` it prunes iteratively (Molchanov et al. 2017): step
     ``i`` aims at ``target**(i/k)`` of the original and ``finetune(model, i)`` runs between
-    steps. ``criterion_kwargs`` go to the criterion (``loader`` for ``taylor``). The input
-    model is left untouched unless ``inplace``.
+    steps. ``criterion_kwargs`` go to the criterion (``loader`` and ``batches`` for the
+    data-driven ones, :data:`~slimkit.prune.importance.DATA_CRITERIA`). ``reconstruct`` (see
+    :func:`~slimkit.prune.reconstruct.reconstruct_mode`; by default ThiNet's per-channel scaling
+    for ``thinet`` and He et al.'s least squares for ``lasso``) re-solves the cut layers' weights
+    against the input model on ``loader`` after the last step (``result.reconstruction``). The
+    input model is left untouched unless ``inplace``.
     """
-    _check_policy(criterion, target_macs, target_params, ratio, ratios, round_to, steps)
+    _check_policy(criterion, target_macs, target_params, ratio, ratios, round_to, steps, target_latency)
+    if not isinstance(latency_batch, int) or latency_batch < 1:
+        raise SlimkitError(f"prune: latency_batch must be a positive integer, got {latency_batch!r}")
+    mode = reconstruct_mode(criterion, reconstruct)
+    if mode and criterion_kwargs.get("loader") is None and criterion not in DATA_CRITERIA:  # those say so themselves
+        raise SlimkitError(f"prune: weight reconstruction ({mode}) needs data: pass loader=")
+    original = copy.deepcopy(model).eval() if target_latency is not None or mode else None
     work = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         macs0, params0 = _profile(work, example_input)
@@ -461,9 +374,27 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
             work, example_input, criterion=criterion, target_macs=frac(target_macs), target_params=frac(target_params),
             ratio=part(ratio), ratios={k: part(v) for k, v in ratios.items()} if ratios else None, round_to=round_to,
             protected=protected, reference=(macs0, params0) if target_macs or target_params else None,
-            before=after, **criterion_kwargs)
+            before=after, target_latency=frac(target_latency), latency_reference=original, latency_batch=latency_batch,
+            **criterion_kwargs)
         kept = _compose(kept, step_kept)
         if finetune is not None and i < steps:
             finetune(work, i)
+    rebuilt = None
+    if mode:
+        errors = reconstruct_weights(original, work, kept, criterion_kwargs["loader"], mode=mode,
+                                     batches=criterion_kwargs.get("batches", 8), seed=criterion_kwargs.get("seed", 0),
+                                     device=criterion_kwargs.get("device", "cpu"))
+        rebuilt = {"mode": mode, "layers": errors}
+    latency = None
+    if target_latency is not None:
+        was = work.training
+        latency = _latency_ratio(original, work, graph, np.zeros(0, dtype=bool), example_input, latency_batch,
+                                 candidate=work.eval())
+        work.train(was)
+        if latency > target_latency:
+            import warnings
+
+            warnings.warn(f"slimkit.prune: measured latency ratio {latency:.3f} is above the target {target_latency:.3g} "
+                          "(timing noise, or every prunable channel is at its minimum)", stacklevel=2)
     return PruneResult(work, kept, params0, after[1], macs0, after[0], list(graph.warnings) if graph else [],
-                       graph.unprunable_layers() if graph else [])
+                       graph.unprunable_layers() if graph else [], latency, rebuilt)

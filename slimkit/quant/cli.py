@@ -31,6 +31,11 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--keep-float", default="", help="comma-separated layer names to keep in float")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
+    parser.add_argument("--qat-epochs", type=int, default=0,
+                        help="quantization-aware training epochs on the train split after calibration (0 = PTQ only)")
+    parser.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (default 1e-3)")
+    parser.add_argument("--train8-epochs", type=int, default=0,
+                        help="first train E epochs in simulated 8 bits (Banner et al. 2018, lr 0.01)")
     return parser
 
 
@@ -38,7 +43,9 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     """Quantize a model to int8 (Jacob et al. 2018), write ``OUT/model.safetensors``, return the measurements.
 
     Calibrates on ``--calib`` class-balanced training images with ``--observer``, optionally
-    runs the accuracy guard on the validation split (partial quantization, Wu et al. 2020), then reports
+    runs the accuracy guard on the validation split (partial quantization, Wu et al. 2020), with
+    ``--qat-epochs E`` > 0 fine-tunes from that calibration by quantization-aware training with
+    learned step sizes (Esser et al. 2020) on the train split, then reports
     float and int8 test top-1, weight bytes, both artifacts' sizes on disk and the bs1 / bs64
     latency ratio int8/float from :func:`slimkit.bench.compare` (interleaved, median).
     """
@@ -68,11 +75,33 @@ def cli_quantize(args: argparse.Namespace) -> dict:
             raise SlimkitError("--max-drop needs a validation split (the guard must not tune on test)")
         val = data.loader("val", args.batch_size)
     calib = calibration_loader(data, args.calib, seed=args.seed)
+    train8 = None
+    if getattr(args, "train8_epochs", 0):  # 8-bit training first (Banner et al. 2018): the rest quantizes its result
+        from .train8 import train_8bit
+
+        train8 = {"epochs": args.train8_epochs, "input_test_top1": evaluate(model, test_loader)["top1"]}
+        model, _ = train_8bit(model, data.loader("train", args.batch_size, seed=args.seed), args.train8_epochs,
+                              lr=0.01, seed=args.seed, progress=False)
+    qat_epochs = getattr(args, "qat_epochs", 0) or 0
+    if qat_epochs < 0:
+        raise SlimkitError(f"--qat-epochs must be >= 0, got {qat_epochs}")
     qmodel = quantize(model, calib, args.observer, keep_float=keep, max_drop=args.max_drop, val_loader=val, log=log)
+    if qat_epochs:
+        # QAT from the PTQ calibration (Esser et al. 2020); the guard's float layers stay float
+        from .qat import qat
+
+        searched = getattr(qmodel, "guard", None)
+        train = data.loader("train", args.batch_size, seed=args.seed)
+        qmodel = qat(model, train, epochs=qat_epochs, calib_loader=calib, lr=args.qat_lr,
+                     keep_float=qmodel.keep_float, observer=args.observer, seed=args.seed,
+                     progress=not getattr(args, "json", False))
+        if searched:
+            qmodel.guard = searched
     seconds = time.perf_counter() - t0
 
     f_test, q_test = evaluate(model, test_loader), evaluate(qmodel, test_loader)
-    params = {"observer": args.observer, "calib": args.calib, "max_drop": args.max_drop, "keep_float": keep}
+    params = {"observer": args.observer, "calib": args.calib, "max_drop": args.max_drop, "keep_float": keep,
+              "qat_epochs": qat_epochs, "qat_lr": args.qat_lr if qat_epochs else None}
     history(qmodel).append({"stage": "quantize", "params": params,
                             "metrics": {"test_top1": q_test["top1"], "keep_float": qmodel.keep_float}})
     meta = {"dataset": args.data, "input_size": list(data.info.input_size), "classes": list(data.info.classes)}
@@ -84,6 +113,7 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     result = {
         "artifact": path, "model": args.model, "data": args.data, "observer": args.observer, "calib": args.calib,
         "keep_float": qmodel.keep_float, "quantize_seconds": seconds,
+        "method": "qat" if qat_epochs else "ptq", "qat_epochs": qat_epochs,
         "float": {"test_top1": f_test["top1"], "test_top5": f_test["top5"], "weight_bytes": f_prof.weight_bytes,
                   "file_bytes": float_bytes},
         "int8": {"test_top1": q_test["top1"], "test_top5": q_test["top5"], "weight_bytes": q_prof.weight_bytes,
@@ -92,6 +122,8 @@ def cli_quantize(args: argparse.Namespace) -> dict:
         "weight_ratio": f_prof.weight_bytes / max(q_prof.weight_bytes, 1),
         "file_ratio": float_bytes / os.path.getsize(path),
     }
+    if train8:
+        result["train8"] = train8
     if getattr(qmodel, "guard", None):
         result["guard"] = qmodel.guard
     if not args.no_bench:

@@ -323,7 +323,9 @@ def _build(config: dict) -> "QuantizedModel":
     example = torch.zeros(1, *recipe["input_shape"])
     prepared = calibrate(float_model, [example], recipe["observer"], reduce_range=recipe["reduce_range"],
                          observer_kwargs=recipe["observer_kwargs"])
-    return convert(prepared, recipe["keep_float"], float_model)
+    qmodel = convert(prepared, recipe["keep_float"], float_model)
+    qmodel.recipe.update(recipe)  # keep provenance beyond the structure keys (e.g. QAT's method, epochs)
+    return qmodel
 
 
 class QuantizedModel(nn.Module):

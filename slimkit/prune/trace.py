@@ -1,0 +1,61 @@
+"""Tracing a model for the channel graph: torch.fx with the layers the graph treats as units kept as leaves.
+
+The option-A shortcut, channel shuffle and channel-wise convolution are leaves (the graph has a
+rule for each as a whole); a submodule torch.fx cannot trace becomes an opaque leaf, whose
+channels the graph then blocks.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import SlimkitError
+
+__all__ = ["pad_types", "trace"]
+
+
+def pad_types() -> tuple[type, ...]:
+    from ..models.cifar_resnet import PadShortcut
+    from .surgery import PrunedPadShortcut
+
+    return (PadShortcut, PrunedPadShortcut)
+
+
+def _leaf_types() -> tuple[type, ...]:
+    from ..models.layers import ChannelShuffle, ChannelwiseConv
+
+    return (*pad_types(), ChannelShuffle, ChannelwiseConv)
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, extra_leaves: set[int]) -> None:
+        super().__init__()
+        self.extra_leaves = extra_leaves
+        self.leaf_types = _leaf_types()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (id(m) in self.extra_leaves or isinstance(m, self.leaf_types)
+                or super().is_leaf_module(m, qualname))
+
+
+def trace(model: nn.Module) -> tuple[fx.GraphModule, set[int]]:
+    """Trace ``model``; a submodule fx cannot trace becomes an opaque leaf (its channels blocked)."""
+    leaves: set[int] = set()
+    try:
+        return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
+    except Exception as first:  # fx raises many types (TraceError, TypeError...) on dynamic code
+        err = first
+    for name, sub in model.named_modules():
+        if not name or type(sub).__module__.startswith("torch.nn") or isinstance(sub, _leaf_types()):
+            continue
+        try:
+            _Tracer(leaves).trace(sub)
+        except Exception:
+            leaves.add(id(sub))
+    try:
+        return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
+    except Exception as e:
+        raise SlimkitError(f"cannot trace {type(model).__name__} with torch.fx for pruning ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); no single untraceable submodule "
+                           f"explains it: {e}") from e
