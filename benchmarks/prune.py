@@ -10,13 +10,17 @@ before and after fine-tuning, its delta vs the unpruned baseline, parameters and
 
 Variants: slimkit ``prune(criterion=...)`` for l1, l2, taylor, slimming (scores the adapted
 model's BN scales as they are, *without* the sparsity pre-training of Liu et al. 2017), thinet
-and lasso (each with its paper's least-squares weight reconstruction after the cut), dcp and
+and lasso (each with its paper's least-squares weight reconstruction after the cut), dcp,
+group_l1 (DepGraph's group magnitude, the importance Torch-Pruning's row uses) and
 random (``ssl`` needs its group-lasso training first and is not run); and Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)`` (L1, its
 group-mean normalisation), global pruning, ``round_to=8``, the final linear ignored, its
 ``pruning_ratio`` found by bisection so its profiled MACs are the largest that still meet the
 same target. Torch-Pruning does not understand the option-A shortcut (``F.pad`` over channels:
 unmodified it returns a broken model), so for it every ``PadShortcut`` is first swapped for an
 equivalent ``IndexPad`` (cat a zero channel + index_select) with a customised pruner.
+
+A variant ``NAME:untied`` prunes with ``untie_shortcuts=True`` (each ResNet stage's trunk on
+its own; the default keeps a stage-1 trunk channel and its copies in later stages together).
 
 Every fine-tune checkpoints under ``--out`` (a killed run resumes the epoch), and each finished
 variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh`` redoes all).
@@ -49,7 +53,7 @@ from slimkit.profile import profile  # noqa: E402
 from slimkit.prune import DATA_CRITERIA, prune  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
 
-CRITERIA = ("l1", "l2", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
+CRITERIA = ("l1", "l2", "group_l1", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
 INPUT = (3, 32, 32)
 
 # Published anchors (text rows). Torch-Pruning's "speed up" is Base MACs / Pruned MACs, not a measurement.
@@ -178,14 +182,15 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
         info["tp_ratio"], info["tp_search"] = ratio, trace
         log(f"{name} {variant}: pruning_ratio {ratio:.4f} after bisection {trace}")
     else:
-        kwargs = {}
-        if variant in DATA_CRITERIA:  # thinet and lasso also run their paper's weight reconstruction (auto)
-            kwargs = {"loader": data.loader("train", args.batch_size, seed=args.seed), "batches": args.batches}
-        elif variant == "random":
-            kwargs = {"seed": args.seed}
+        criterion, _, how = variant.partition(":")
+        kwargs = {"untie_shortcuts": how == "untied"}
+        if criterion in DATA_CRITERIA:  # thinet and lasso also run their paper's weight reconstruction (auto)
+            kwargs.update(loader=data.loader("train", args.batch_size, seed=args.seed), batches=args.batches)
+        elif criterion == "random":
+            kwargs["seed"] = args.seed
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r = prune(base, x, criterion=variant, target_macs=args.target_macs, round_to=8, **kwargs)
+            r = prune(base, x, criterion=criterion, target_macs=args.target_macs, round_to=8, **kwargs)
         pruned = r.model
         info["warnings"] = [str(w.message) for w in caught]
     info["prune_s"] = time.perf_counter() - t0
@@ -223,6 +228,7 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     info["bench_errors"], info["bench_warnings"] = dict(cmp.errors), list(cmp.warnings)
     log(f"{name} {variant}: speed-up " + ", ".join(f"{k} {v['median']:.2f}x" for k, v in info["speedup"].items() if v))
     info["total_min"] = (time.perf_counter() - t0) / 60
+    info["computed"] = time.strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
     with open(cache, "w") as f:
         json.dump(info, f, indent=1)
@@ -232,8 +238,9 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
 def row(info: dict, modes: list[str]) -> list:
     notes = {"slimming": " (no sparsity pre-training)", "thinet": " (+ scale reconstruction)",
              "lasso": " (+ least-squares reconstruction)"}
+    criterion, _, how = info["variant"].partition(":")
     label = "Torch-Pruning 1.6 MetaPruner, L1 (global)" if info["variant"] == "torch-pruning-l1" else \
-        f"slimkit `{info['variant']}`" + notes.get(info["variant"], "")
+        f"slimkit `{criterion}`" + notes.get(criterion, "") + (", stages untied" if how == "untied" else "")
     cells = [info["model"], label, f"{info['params'] / 1e6:.3f} M ({info['params_ratio']:.3f})",
              f"{info['macs'] / 1e6:.1f} M ({info['macs_ratio']:.3f})", pct(info["top1_before_ft"]),
              pct(info["top1_after_ft"]), f"{100 * info['delta_vs_base']:+.2f}"]
@@ -303,6 +310,11 @@ def main() -> None:
             "tracer cannot follow the option-A shortcut (`F.pad` over channels gives a broken model), so the "
             "shortcuts were swapped for an equivalent gather module with a custom pruner for it.\n\n")
     body += markdown_table(headers, rows)
+    dates: dict[str, list[str]] = {}
+    for i in infos:
+        dates.setdefault(i.get("computed", "?"), []).append(i["variant"])
+    if len(dates) > 1:  # cached rows from earlier runs: same code path and budget, other day
+        body += "\n\nRows computed on: " + "; ".join(f"{d}: {', '.join(v)}" for d, v in sorted(dates.items())) + "."
     for i in infos:
         if i["variant"] == "torch-pruning-l1":
             body += (f"\n\nTorch-Pruning ({i['model']}): pruning_ratio {i['tp_ratio']:.4f}; bisection (ratio, MACs "

@@ -30,3 +30,21 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     return model.eval()
+
+
+def run_cli(*argv: str) -> dict:
+    """Run ``slimkit ARGV --json`` through the real entry point; the parsed JSON, or SlimkitError with its message."""
+    import contextlib
+    import io
+    import json
+
+    from slimkit.cli import main
+    from slimkit.errors import SlimkitError
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--json"])
+    if code != 0:
+        raise SlimkitError(err.getvalue().strip())
+    return json.loads(out.getvalue())
+

@@ -14,6 +14,7 @@ from slimkit.models.cifar_resnet import PadShortcut
 from slimkit.profile import profile
 from slimkit.prune import CRITERIA, PrunedPadShortcut, build_graph, plan, prune, slimming_penalty
 from slimkit.prune.pruner import _keep_count
+from conftest import run_cli
 
 torch.set_num_threads(1)
 
@@ -105,13 +106,16 @@ def test_prune_30_percent_forward_backward(name, size):
 
 # -- equivalence: pruning == zeroing the removed channels -----------------------------------------
 
-@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("mobilenet_v2", 64), ("densenet121", 64),
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet20:untied", 32), ("resnet18", 64), ("mobilenet_v2", 64),
+                                       ("densenet121", 64),
                                        pytest.param("torchvision:efficientnet_b0", 64, marks=pytest.mark.slow),
                                        pytest.param("googlenet", 64, marks=pytest.mark.slow)])
 def test_pruned_equals_zeroed_copy(name, size):
+    untie = name.endswith(":untied")
+    name = name.removesuffix(":untied")
     model = _randomize_bn(slimkit.create_model(name, num_classes=10)).double()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    r = _quiet_prune(model, x[:1], criterion="random", ratio=0.3, round_to=1)
+    r = _quiet_prune(model, x[:1], criterion="random", ratio=0.3, round_to=1, untie_shortcuts=untie)
     zeroed = _zeroed(model, r.kept)
     with torch.no_grad():
         y_orig, y_zero, y_pruned = model(x), zeroed(x), r.model(x)
@@ -123,9 +127,36 @@ def test_pruned_equals_zeroed_copy(name, size):
         assert pads and all(isinstance(r.model.get_submodule(n), (PadShortcut, PrunedPadShortcut)) for n in pads)
 
 
-def test_resnet20_stage_trunks_are_separate_groups_with_padshortcut():
+@pytest.mark.parametrize("untie", [False, True])
+def test_iterative_pruning_through_pruned_shortcuts_equals_zeroed_copy(untie):
+    # step 2 re-traces a model whose shortcuts are already PrunedPadShortcuts (before= or sources=)
+    model = _randomize_bn(slimkit.create_model("resnet20")).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    r = _quiet_prune(model, x[:1], criterion="random", ratio=0.4, round_to=1, steps=2, seed=1, untie_shortcuts=untie)
+    assert any(isinstance(m, PrunedPadShortcut) for m in r.model.modules())
+    with torch.no_grad():
+        y_zero, y_pruned = _zeroed(model, r.kept)(x), r.model(x)
+    assert (y_pruned - y_zero).abs().max().item() <= 1e-5 * max(1.0, y_zero.abs().max().item())
+
+
+def test_resnet20_trunk_is_one_group_with_padshortcut():
     model = slimkit.create_model("resnet20")
     g = build_graph(model, torch.zeros(1, 3, 32, 32))
+    L = g.layers
+    # stem, every stage-1 block output and the middle 16 channels of stages 2 and 3 are the same channels
+    assert (L["conv1"].out_cls == L["layer1.2.conv2"].out_cls).all()
+    assert (L["layer2.0.conv2"].out_cls[8:24] == L["conv1"].out_cls).all()
+    assert (L["layer3.0.conv2"].out_cls[16:48] == L["layer2.2.conv2"].out_cls).all()
+    assert (L["layer2.0.shortcut"].out_cls[8:24] == L["layer2.0.shortcut"].in_cls).all()
+    assert len(np.unique(L["layer3.2.conv2"].out_cls)) == 64
+    assert g.class_group[L["conv1"].out_cls[0]] == g.class_group[L["layer3.2.conv2"].out_cls[0]]
+    assert g.blocked[L["linear"].out_cls].all() and not g.blocked[L["linear"].in_cls].any()
+    assert g.class_group[L["layer1.0.conv1"].out_cls[0]] != g.class_group[L["conv1"].out_cls[0]]
+
+
+def test_resnet20_untied_stage_trunks_are_separate_groups():
+    model = slimkit.create_model("resnet20")
+    g = build_graph(model, torch.zeros(1, 3, 32, 32), untie_shortcuts=True)
     L = g.layers
     # the stem and every stage-1 block output are the same channels (residual adds)
     assert (L["conv1"].out_cls == L["layer1.2.conv2"].out_cls).all()
@@ -146,7 +177,7 @@ def test_pruned_shortcut_carries_zeros_where_its_source_was_removed(tmp_path):
 
     model = _randomize_bn(slimkit.create_model("resnet20")).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    g = build_graph(model, x[:1])
+    g = build_graph(model, x[:1], untie_shortcuts=True)
     L = g.layers
     removed = np.zeros(g.num_classes, dtype=bool)
     removed[L["conv1"].out_cls[[0, 5]]] = True          # stage-1 channels whose stage-2 positions (8, 13) stay
@@ -334,6 +365,23 @@ def test_l1_l2_remove_smallest_norm_filter():
         assert r.kept["5"]["in"] == r.kept["0"]["out"] and r.kept["1"]["out"] == r.kept["0"]["out"]
 
 
+def test_group_l1_counts_consumers_and_batch_norm():
+    # equal producer filters; channel 2's classifier column is zero and its BN scale tiny, channel 0's large
+    m = _tiny(torch.ones(4, 4))
+    with torch.no_grad():
+        m[1].weight.copy_(torch.tensor([2.0, 1.0, 0.01, 1.0]))
+        m[5].weight.copy_(torch.tensor([[3.0, 1, 0, 1], [3, 1, 0, 1], [3, 1, 0, 1]]))
+    g = build_graph(m, torch.zeros(1, 1, 4, 4))
+    cls = g.layers["0"].out_cls
+    scores = CRITERIA.get("group_l1")(m, g)[cls]
+    # mean over members (producer row 4, BN |gamma|, consumer column) by hand
+    assert scores == pytest.approx([(4 + 2 + 9) / 3, (4 + 1 + 3) / 3, (4 + 0.01 + 0) / 3, (4 + 1 + 3) / 3])
+    r = prune(m, torch.zeros(1, 1, 4, 4), criterion="group_l1", ratio=0.25, round_to=1)
+    assert r.kept["0"]["out"] == [0, 1, 3]
+    l1 = CRITERIA.get("l1")(m, g)[cls]
+    assert np.allclose(l1, l1[0])  # the producer alone cannot tell them apart
+
+
 def test_slimming_removes_smallest_abs_gamma_and_penalty():
     m = _tiny(torch.ones(4, 4))
     with torch.no_grad():
@@ -493,25 +541,9 @@ def test_prune_stage_iterative_with_sparsity_and_finetune(tmp_path):
         assert (tmp_path / "stages" / "01-prune" / run).is_dir()
 
 
-def _cli(*argv):
-    """Run ``slimkit prune ...`` through the real entry point, returning the parsed JSON result."""
-    import contextlib
-    import io
-    import json
-
-    from slimkit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["prune", *argv, "--json"])
-    if code != 0:
-        raise SlimkitError(err.getvalue().strip())
-    return json.loads(out.getvalue())
-
-
 def test_cli_prune(tmp_path):
-    out = _cli("digits_cnn", "--data", "digits", "--limit", "200", "--criterion", "l2", "--target-macs", "0.5",
-               "--round-to", "4", "--out", str(tmp_path), "--no-bench")
+    out = run_cli("prune", "digits_cnn", "--data", "digits", "--limit", "200", "--criterion", "l2",
+                  "--target-macs", "0.5", "--round-to", "4", "--out", str(tmp_path), "--no-bench")
     assert out["macs_after"] <= 0.5 * out["macs_before"] and out["params_after"] < out["params_before"]
     assert 0 <= out["test_top1_before"] <= 1 and 0 <= out["test_top1_after"] <= 1
     loaded = slimkit.load(out["artifact"])
@@ -519,12 +551,13 @@ def test_cli_prune(tmp_path):
     assert loaded.slimkit_history[-1]["stage"] == "prune"
     assert profile(loaded, torch.zeros(1, 1, 8, 8)).macs == out["macs_after"]
     with pytest.raises(SlimkitError, match="unknown pruning criterion 'bogus'|unknown .*'bogus'"):
-        _cli("digits_cnn", "--criterion", "bogus", "--target-macs", "0.5", "--out", str(tmp_path), "--no-bench")
+        run_cli("prune", "digits_cnn", "--criterion", "bogus", "--target-macs", "0.5", "--out", str(tmp_path),
+                "--no-bench")
 
 
 @pytest.mark.slow
 def test_cli_prune_bench(tmp_path):
-    out = _cli("resnet20", "--target-macs", "0.5", "--out", str(tmp_path), "--threads", "1")
+    out = run_cli("prune", "resnet20", "--target-macs", "0.5", "--out", str(tmp_path), "--threads", "1")
     assert out["latency"]["bs1"]["speedup"] > 0 and out["latency"]["bs64"]["speedup"] > 0
 
 

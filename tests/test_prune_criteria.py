@@ -402,19 +402,10 @@ def test_prune_stage_ssl_sparsity_and_lasso_reconstruction(tmp_path):
 
 
 def test_cli_thinet_and_data_check(tmp_path):
-    import contextlib
-    import io
-    import json
-
-    from slimkit.cli import main
+    from conftest import run_cli
 
     def cli(*argv):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(["prune", *argv, "--json"])
-        if code != 0:
-            raise SlimkitError(err.getvalue().strip())
-        return json.loads(out.getvalue())
+        return run_cli("prune", *argv)
 
     out = cli("digits_cnn", "--data", "digits", "--limit", "100", "--criterion", "thinet", "--ratio", "0.25",
               "--round-to", "4", "--batches", "2", "--batch-size", "32", "--out", str(tmp_path), "--no-bench")

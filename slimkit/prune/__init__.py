@@ -36,7 +36,8 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
                 target_params: float | None = None, ratio: float | None = None, ratios: dict | None = None,
                 round_to: int = 8, protected: list[str] | None = None, steps: int = 1, step_finetune: dict | None = None,
                 batches: int = 8, sparsity: dict | None = None, reconstruct: bool | str | None = None,
-                target_latency: float | None = None, latency_batch: int = 1) -> nn.Module:
+                target_latency: float | None = None, latency_batch: int = 1,
+                untie_shortcuts: bool = False) -> nn.Module:
     """Recipe stage: structured pruning (criteria of Li et al. 2017, Molchanov et al. 2017/2019, Liu et al. 2017,
     Wen et al. 2016, Luo et al. 2017, He et al. 2017, Zhuang et al. 2018).
 
@@ -83,7 +84,7 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
     result = prune(model, x, criterion=criterion, target_macs=target_macs, target_params=target_params, ratio=ratio,
                    ratios=ratios, round_to=round_to, protected=tuple(protected or ()), steps=steps,
                    finetune=between, inplace=True, reconstruct=reconstruct, target_latency=target_latency,
-                   latency_batch=latency_batch, **kwargs)
+                   latency_batch=latency_batch, untie_shortcuts=untie_shortcuts, **kwargs)
     result.model.slimkit_prune = {"kept": result.kept, **result.summary()}
     ctx.details.update(result.model.slimkit_prune)  # kept indices go into the artifact's provenance
     atomic_write_text(os.path.join(ctx.stage_dir("prune"), "kept_channels.json"),

@@ -30,6 +30,8 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="keep this fraction of the original's measured eager latency on this machine")
     policy.add_argument("--ratio", type=float, help="uniform: remove this fraction of every group's channels")
     parser.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is timed at")
+    parser.add_argument("--untie-shortcuts", action="store_true",
+                        help="prune each stage of an option-A ResNet on its own (shortcuts carry zeros)")
     parser.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (default 8)")
     parser.add_argument("--protect", default="", help="comma-separated layer names whose shape must not change")
     parser.add_argument("--steps", type=int, default=1, help="iterative pruning steps (fine-tuning in between)")
@@ -130,7 +132,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
     result = prune(model, example, criterion=args.criterion, target_macs=args.target_macs,
                    target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
                    steps=args.steps, finetune=finetune, target_latency=args.target_latency,
-                   latency_batch=args.latency_batch, reconstruct=mode or False, **kwargs)
+                   latency_batch=args.latency_batch, reconstruct=mode or False,
+                   untie_shortcuts=args.untie_shortcuts, **kwargs)
     pruned = result.model  # reconstructed (if asked) before fine-tuning: the better start (He et al. 2017)
     reconstruction = result.reconstruction["layers"] if result.reconstruction else None
     if args.finetune_epochs:
@@ -141,6 +144,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
     params = {"criterion": args.criterion, "target_macs": args.target_macs, "target_params": args.target_params,
               "target_latency": args.target_latency, "latency_batch": args.latency_batch,
+              "untie_shortcuts": args.untie_shortcuts,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
               "finetune_epochs": args.finetune_epochs, "distill": args.distill, "reconstruct": mode}
     summary = result.summary()

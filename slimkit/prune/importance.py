@@ -81,6 +81,45 @@ def l2_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     return _filter_norms(graph, 2)
 
 
+def _column_norms(w: torch.Tensor, p: int) -> np.ndarray:
+    """Per-input-channel norm of a conv (out, in, kh, kw) or linear (out, in) weight."""
+    cols = w.detach().transpose(0, 1).flatten(1)
+    return (cols.abs().sum(1) if p == 1 else cols.pow(2).sum(1).sqrt()).double().cpu().numpy()
+
+
+@CRITERIA.register("group_l1")
+def group_l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
+    """Group L1 magnitude over *every* parameter a channel class couples (Fang et al., CVPR 2023, DepGraph).
+
+    Where ``l1`` (Li et al. 2017) looks only at the filters that *produce* a channel, this is
+    the mean, over all coupled layers, of the channel's slice norm: producer filter rows,
+    consumer input columns (a linear after ``flatten`` sums the ``H*W`` columns of a channel),
+    depthwise filters and batch-norm ``|gamma|``, each raw (not layer-normalised), as
+    Torch-Pruning's ``MagnitudeImportance(p=1)`` with mean group reduction does; the planner then
+    divides by the group mean. A channel that feeds an important consumer (e.g. a residual trunk
+    channel read by the classifier) is therefore kept even if its producing filters are small.
+    """
+    members = []
+    for rec in graph.layers.values():
+        w = getattr(rec.module, "weight", None)
+        if w is None:
+            continue
+        if rec.kind in ("conv", "linear") and rec.out_cls is not None:
+            rows = w.detach().flatten(1)
+            members.append((rec.out_cls, rows.abs().sum(1).double().cpu().numpy()))
+        if rec.kind in ("conv", "linear") and rec.in_cls is not None:
+            cols = _column_norms(w, 1)
+            per_class = np.zeros(graph.num_classes)
+            np.add.at(per_class, rec.in_cls, cols)  # flatten -> linear: a class owns H*W columns
+            cls = np.unique(rec.in_cls)
+            members.append((cls, per_class[cls]))
+        if rec.kind == "dwconv":
+            members.append((rec.out_cls, w.detach().flatten(1).abs().sum(1).double().cpu().numpy()))
+        if rec.kind == "bn":
+            members.append((rec.out_cls, w.detach().abs().double().cpu().numpy()))
+    return _mean_over_members(graph, members)
+
+
 @CRITERIA.register("random")
 def random_importance(model: nn.Module, graph: ChannelGraph, *, seed: int = 0, **_) -> np.ndarray:
     """Uniform random scores (seeded): the control baseline of Li et al. 2017 and of later studies."""

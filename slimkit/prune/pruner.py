@@ -287,7 +287,7 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
                target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
                round_to: int = 8, protected: tuple[str, ...] | list[str] = (), reference: tuple[int, int] | None = None,
                before: tuple[int, int] | None = None, target_latency: float | None = None,
-               latency_reference: nn.Module | None = None, latency_batch: int = 1,
+               latency_reference: nn.Module | None = None, latency_batch: int = 1, untie_shortcuts: bool = False,
                **criterion_kwargs) -> tuple[dict, ChannelGraph, tuple[int, int]]:
     """One-shot pruning of ``model`` in place: build the graph, score, plan, cut, verify MACs.
 
@@ -298,7 +298,7 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
     """
     was = model.training
     model.eval()
-    graph = build_graph(model, example_input, protected)
+    graph = build_graph(model, example_input, protected, untie_shortcuts)
     model.train(was)
     macs0, params0 = before or _profile(model, example_input)
     ref_m, ref_p = reference or (macs0, params0)
@@ -334,7 +334,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
           round_to: int = 8, protected: tuple[str, ...] | list[str] = (), steps: int = 1,
           finetune: Callable[[nn.Module, int], None] | None = None, inplace: bool = False,
           target_latency: float | None = None, latency_batch: int = 1, reconstruct: bool | str | None = None,
-          **criterion_kwargs) -> PruneResult:
+          untie_shortcuts: bool = False, **criterion_kwargs) -> PruneResult:
     """Structured channel pruning with a dependency graph (Li et al. 2017; Fang et al. 2023).
 
     Scores every channel class with ``criterion`` (see :data:`CRITERIA`: ``l1``/``l2`` of Li et
@@ -351,8 +351,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     data-driven ones, :data:`~slimkit.prune.importance.DATA_CRITERIA`). ``reconstruct`` (see
     :func:`~slimkit.prune.reconstruct.reconstruct_mode`; by default ThiNet's per-channel scaling
     for ``thinet`` and He et al.'s least squares for ``lasso``) re-solves the cut layers' weights
-    against the input model on ``loader`` after the last step (``result.reconstruction``). The
-    input model is left untouched unless ``inplace``.
+    against the input model on ``loader`` after the last step (``result.reconstruction``).
+    ``untie_shortcuts`` lets each stage of an option-A ResNet be pruned on its own (see
+    :func:`~slimkit.prune.graph.build_graph`). The input model is left untouched unless ``inplace``.
     """
     _check_policy(criterion, target_macs, target_params, ratio, ratios, round_to, steps, target_latency)
     if not isinstance(latency_batch, int) or latency_batch < 1:
@@ -375,7 +376,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
             ratio=part(ratio), ratios={k: part(v) for k, v in ratios.items()} if ratios else None, round_to=round_to,
             protected=protected, reference=(macs0, params0) if target_macs or target_params else None,
             before=after, target_latency=frac(target_latency), latency_reference=original, latency_batch=latency_batch,
-            **criterion_kwargs)
+            untie_shortcuts=untie_shortcuts, **criterion_kwargs)
         kept = _compose(kept, step_kept)
         if finetune is not None and i < steps:
             finetune(work, i)
@@ -394,7 +395,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
         if latency > target_latency:
             import warnings
 
-            warnings.warn(f"slimkit.prune: measured latency ratio {latency:.3f} is above the target {target_latency:.3g} "
-                          "(timing noise, or every prunable channel is at its minimum)", stacklevel=2)
+            warnings.warn(f"slimkit.prune: measured latency ratio {latency:.3f} is above the target "
+                          f"{target_latency:.3g} (timing noise, or every prunable channel is at its minimum)",
+                          stacklevel=2)
     return PruneResult(work, kept, params0, after[1], macs0, after[0], list(graph.warnings) if graph else [],
                        graph.unprunable_layers() if graph else [], latency, rebuilt)
