@@ -10,9 +10,10 @@ teacher; the best branch on the validation split is reported, and the gated ense
 moonshine (resnet56 with every eligible 3x3 conv made grouped (G=4) + pointwise, from scratch,
 trained with attention transfer from the resnet56 teacher, as Crowley et al. do).
 
-Recovery: the adapted resnet56 pruned to half its MACs (L1, ``round_to=8``) and fine-tuned for
-``--recovery-epochs`` on ``--recovery-limit`` class-balanced train images with cross-entropy alone vs with KD from the
-unpruned model (T=4, alpha=0.9), same epochs and learning rate.
+Recovery: the adapted resnet56 pruned to half its MACs (L1, ``round_to=8``, ``untie_shortcuts=True``)
+and fine-tuned for ``--recovery-epochs`` on ``--recovery-limit`` class-balanced train images with
+cross-entropy alone vs with KD from the unpruned model (T=4, alpha=0.9), same epochs and
+learning rate.
 
 Each finished row is cached as ``--out/ROW.json`` (rerun skips it; ``--fresh`` redoes all), and
 every fit checkpoints per epoch so a killed run resumes.
@@ -127,7 +128,7 @@ def student_row(method: str, teacher, data, test, args) -> dict:
 
 
 def recovery_row(mode: str, base, data, test, args) -> dict:
-    r = prune(base, torch.zeros(1, *INPUT), criterion="l1", target_macs=0.5, round_to=8)
+    r = prune(base, torch.zeros(1, *INPUT), criterion="l1", target_macs=0.5, round_to=8, untie_shortcuts=True)
     pruned = r.model
     info: dict = {"row": f"recovery-{mode}", "top1_before": evaluate(pruned, test)["top1"]}
     prof = profile(pruned.eval(), torch.zeros(1, *INPUT))
@@ -217,7 +218,7 @@ def main() -> None:
                  f"{gain:+.2f} -> **{'met' if gain >= 0.5 else 'NOT met'}**.")
     if rec:
         n_rec = len(rdata.train)
-        body += (f"\n\nRecovery after pruning: adapted resnet56 pruned to 0.5x MACs (L1, round_to=8; "
+        body += (f"\n\nRecovery after pruning: adapted resnet56 pruned to 0.5x MACs (L1, round_to=8, stages untied; "
                  f"{rec['ce']['params'] / 1e6:.3f} M params, {rec['ce']['macs'] / 1e6:.1f} M MACs), then "
                  f"{args.recovery_epochs} epoch(s) on {n_rec:,} train images, lr {args.recovery_lr} cosine:\n\n")
         body += markdown_table(["fine-tune loss", "top-1 pruned, no FT", "top-1 after FT", "delta vs unpruned",

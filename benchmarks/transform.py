@@ -87,7 +87,9 @@ def main() -> None:
                 try:
                     apply_transform(model, method, calib_loader=calib, record=False, **opts)
                 except SlimkitError as e:  # no eligible layer in this model
-                    reasons = sorted({r.split(": ", 1)[-1] for r in str(e).split("(", 1)[-1].rstrip(")").split("; ")})
+                    inner = str(e).split("(", 1)[-1]
+                    inner = inner[:-1] if inner.endswith(")") else inner  # the message's own closing bracket
+                    reasons = sorted({r.split(": ", 1)[-1] for r in inner.split("; ")})
                     info["reason"] = "; ".join(reasons)[:200]
                     json.dump(info, open(path, "w"), indent=1)
                     skipped.append(info)
