@@ -81,6 +81,13 @@ class ActRange(nn.Module):
         return quantize_ste(x, bits, max_abs=self.max_abs, signed=bool(self.min < 0))
 
 
+def _quant_setup(layer: nn.Module, bits: int, grad_bits: int, weight_grad_bits: int | None) -> None:
+    """The bit widths and input-range tracker :class:`QuantConv2d` and :class:`QuantLinear` share."""
+    _check_layer_bits(bits, grad_bits, weight_grad_bits)
+    layer.bits, layer.grad_bits, layer.weight_grad_bits = bits, grad_bits, weight_grad_bits
+    layer.act = ActRange()
+
+
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` trained in simulated 8 bits (Banner et al. 2018).
 
@@ -93,9 +100,7 @@ class QuantConv2d(nn.Conv2d):
 
     def __init__(self, *args, bits: int = 8, grad_bits: int = 8, weight_grad_bits: int | None = 16, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        _check_layer_bits(bits, grad_bits, weight_grad_bits)
-        self.bits, self.grad_bits, self.weight_grad_bits = bits, grad_bits, weight_grad_bits
-        self.act = ActRange()
+        _quant_setup(self, bits, grad_bits, weight_grad_bits)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **q) -> QuantConv2d:
@@ -128,9 +133,7 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, *args, bits: int = 8, grad_bits: int = 8, weight_grad_bits: int | None = 16, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        _check_layer_bits(bits, grad_bits, weight_grad_bits)
-        self.bits, self.grad_bits, self.weight_grad_bits = bits, grad_bits, weight_grad_bits
-        self.act = ActRange()
+        _quant_setup(self, bits, grad_bits, weight_grad_bits)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **q) -> QuantLinear:
