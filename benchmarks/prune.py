@@ -26,6 +26,8 @@ Every fine-tune checkpoints under ``--out`` (a killed run resumes the epoch), an
 variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh`` redoes all).
 
     python benchmarks/prune.py --models resnet56 --epochs 1 --threads 1
+    python benchmarks/prune.py --models resnet56,resnet20 --epochs 1 --threads 1 \
+        --per-model "resnet20=group_l1,l1,random,torch-pruning-l1"   # fewer variants for resnet20
     python benchmarks/prune.py --limit 500 --epochs 1 --out /tmp/prune-smoke --repeats 3   # smoke
 """
 
@@ -255,6 +257,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet56", help="comma-separated: resnet56,resnet20")
     p.add_argument("--variants", default=",".join(CRITERIA) + ",torch-pruning-l1")
+    p.add_argument("--per-model", default="", help="MODEL=V1,V2[;MODEL=...]: other variants for that model")
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per variant (0: none)")
     p.add_argument("--lr", type=float, default=0.01)
@@ -285,7 +288,8 @@ def main() -> None:
         base_rows.append([name, "adapted baseline (unpruned)", f"{base_prof.params / 1e6:.3f} M (1.000)",
                           f"{base_prof.macs / 1e6:.1f} M (1.000)", pct(base_top1), "-", "+0.00"]
                          + ["1.00x"] * (2 * len(args.modes)))
-        for v in variants:
+        own = dict(part.split("=", 1) for part in args.per_model.split(";") if part)
+        for v in ([x for x in own[name].split(",") if x] if name in own else variants):
             infos.append(run_variant(name, v, base, base_prof, base_top1, data, args))
 
     headers = ["model", "method", "params (ratio)", "MACs (ratio)", "top-1 pruned, no FT", "top-1 after FT",
