@@ -33,7 +33,7 @@ from .moonshine import moonshine_student
 from .munge import TensorLoader, munge, munge_loader
 from .one import OneNetwork
 
-__all__ = ["METHODS", "AUX", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
+__all__ = ["METHODS", "AUX", "best_branch", "training_loader", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
            "TensorLoader", "at_loss", "attention_map", "distill_stage", "distill_terms", "factor_loss",
            "finetune_with_distillation", "freeze", "fsp_loss", "fsp_matrix", "kd_loss", "logit_mse", "moonshine_student",
            "munge", "munge_loader", "one_loss", "pair_features", "register_method", "stages"]
@@ -179,28 +179,39 @@ def finetune_with_distillation(model: nn.Module, ctx: Context, method: str, teac
         raise SlimkitError(f"distill: unknown fit option(s) {sorted(unknown)} (known: {sorted(FIT_ARGS)})")
     fit_options.setdefault("epochs", 1)
     fit_options.setdefault("lr", 0.01)
-    bs = batch_size or ctx.batch_size
-    loader = ctx.data.loader("train", bs, seed=ctx.seed)
     example = next(iter(ctx.data.loader("train", 2, shuffle=False, augment=False)))[0].to(ctx.device)
-    names = method.split("+")
-    if "ft" in names:
-        opts.setdefault("loader", loader)
-    if "munge" in names:
-        mopts = {k: opts.get(k, METHODS.get("munge").defaults[k]) for k in ("multiplier", "p", "s", "pool")}
-        loader = munge_loader(teacher, ctx.data.loader("train", 512, shuffle=False, augment=False), batch_size=bs,
-                              seed=ctx.seed, **mopts)
+    loader = training_loader(method, teacher, ctx.data, batch_size or ctx.batch_size, ctx.seed, opts)
     with distill_terms(method, teacher, model, example, **opts) as terms:
         fit(model, loader, seed=ctx.seed, device=ctx.device, progress=ctx.progress, extra_losses=terms,
             checkpoint_dir=ctx.stage_dir("distill"), **fit_options)
     return model
 
 
-def _best_branch(net: OneNetwork, ctx: Context) -> tuple[int, list[float]]:
+def training_loader(method: str, teacher: nn.Module | None, data, batch_size: int, seed: int, opts: dict):
+    """The train-split loader ``method`` trains on; sets ``opts["loader"]`` for ``ft``'s paraphraser.
+
+    ``munge`` (Bucila et al. 2006) trains on the train split plus MUNGE samples labelled by the
+    teacher, built with the method's ``multiplier``/``p``/``s``/``pool`` options; every other
+    method on the (augmented) train split.
+    """
+    names = method.split("+")
+    loader = data.loader("train", batch_size, seed=seed)
+    if "ft" in names:
+        opts.setdefault("loader", loader)
+    if "munge" in names:
+        mopts = {k: opts.get(k, METHODS.get("munge").defaults[k]) for k in ("multiplier", "p", "s", "pool")}
+        loader = munge_loader(teacher, data.loader("train", 512, shuffle=False, augment=False), batch_size=batch_size,
+                              seed=seed, **mopts)
+    return loader
+
+
+def best_branch(net: OneNetwork, data, batch_size: int, device: str | torch.device = "cpu") -> tuple[int, list[float]]:
+    """Index and top-1 of ONE's best branch (Lan et al. 2018) on the validation split (train when there is none)."""
     from ..train import evaluate
 
-    split = "val" if len(ctx.data.val) else "train"
-    scores = [evaluate(net.extract(i), ctx.data.loader(split, ctx.batch_size, shuffle=False, augment=False),
-                       device=ctx.device)["top1"] for i in range(len(net.branches))]
+    split = "val" if len(data.val) else "train"
+    loader = data.loader(split, batch_size, shuffle=False, augment=False)
+    scores = [evaluate(net.extract(i), loader, device=device)["top1"] for i in range(len(net.branches))]
     return max(range(len(scores)), key=scores.__getitem__), scores
 
 
@@ -233,7 +244,7 @@ def distill_stage(model: nn.Module, ctx: Context, distill: str, teacher: str | N
             raise SlimkitError("distill: 'one' is its own teacher and does not combine with other methods")
         net = OneNetwork.from_model(model, branches)
         finetune_with_distillation(net, ctx, "one", None, batch_size=batch_size, fit_options=fit_options, **params)
-        best, scores = _best_branch(net, ctx)
+        best, scores = best_branch(net, ctx.data, ctx.batch_size, ctx.device)
         ctx.details.update({"branches": branches, "branch_top1": scores, "kept_branch": best})
         out = net.extract(best)
         out.slimkit_history = list(getattr(model, "slimkit_history", []))

@@ -64,7 +64,7 @@ def cli_distill(args: argparse.Namespace) -> dict:
     from ..models import create_model
     from ..models.registry import is_artifact_path
     from ..train import check_input, evaluate, fit
-    from . import METHODS, OneNetwork, distill_terms, moonshine_student, munge_loader
+    from . import METHODS, OneNetwork, best_branch, distill_terms, moonshine_student, training_loader
 
     log = logger(args)
     if getattr(args, "threads", None):
@@ -108,14 +108,7 @@ def cli_distill(args: argparse.Namespace) -> dict:
             student = build(args.student, args.student_weights)
         check_input(student, example, nc, what)
 
-    loader = data.loader("train", args.batch_size, seed=args.seed)
-    if "ft" in names:
-        opts.setdefault("loader", loader)
-    if "munge" in names:
-        defaults = METHODS.get("munge").defaults
-        mopts = {k: opts.get(k, defaults[k]) for k in ("multiplier", "p", "s", "pool")}
-        loader = munge_loader(teacher, data.loader("train", 512, shuffle=False, augment=False),
-                              batch_size=args.batch_size, seed=args.seed, **mopts)
+    loader = training_loader(args.method, teacher, data, args.batch_size, args.seed, opts)
     with distill_terms(args.method, teacher, student, example, **opts) as terms:
         run = fit(student, loader, epochs=args.epochs, val=data.loader("val", args.batch_size) if len(data.val) else None,
                   optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -124,10 +117,7 @@ def cli_distill(args: argparse.Namespace) -> dict:
     result: dict = {"method": args.method, "teacher": args.teacher, "student": args.student, "epochs": run.epochs}
     if "one" in names:
         result["ensemble_test"] = evaluate(student, test_loader)
-        split = "val" if len(data.val) else "train"
-        scores = [evaluate(student.extract(i), data.loader(split, args.batch_size, shuffle=False, augment=False))["top1"]
-                  for i in range(len(student.branches))]
-        best = max(range(len(scores)), key=scores.__getitem__)
+        best, scores = best_branch(student, data, args.batch_size)
         result.update(branch_top1=scores, kept_branch=best)
         student = student.extract(best)
         student.slimkit_history = []

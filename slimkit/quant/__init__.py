@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data import Dataset, Loader
 from ..data.splits import balanced_subset, make_rng
+from ..errors import SlimkitError
 from ..pipeline import Context, register_stage
 from .core import (QuantizedModel, backend_config, calibrate, convert, fake_quant, fuse, is_quantized_module,
                    make_qconfig, quantizable_layers, quantize)
@@ -33,7 +34,7 @@ __all__ = ["EMA", "MSE", "OBSERVERS", "Entropy", "HistogramClip", "MinMax", "Ort
            "backend_config", "calibrate", "calibration_loader", "convert", "export_onnx_qdq", "fake_quant", "fuse",
            "guard", "is_quantized_module", "make_qconfig", "observer_class", "quantizable_layers", "quantize",
            "quantize_stage", "sensitivity"]
-__all__ += ["LSQFakeQuantize", "QATSchedule", "convert_qat", "prepare_qat", "qat"]
+__all__ += ["LSQFakeQuantize", "QATSchedule", "convert_qat", "prepare_qat", "qat", "quantize_then_qat"]
 __all__ += ["QuantConv2d", "QuantLinear", "RangeBatchNorm2d", "from_8bit_training", "to_8bit_training",
             "train8_stage"]
 
@@ -68,20 +69,33 @@ def quantize_stage(model: nn.Module, ctx: Context, observer: str = "minmax", cal
     val = ctx.data.loader("val", ctx.batch_size) if max_drop is not None and len(ctx.data.val) else None
     if max_drop is not None and val is None:
         val = ctx.data.loader("test", ctx.batch_size)  # no val split: the guard has nothing else to use
-    log = print if ctx.progress else None
-    if qat_epochs and max_drop is None:  # PTQ is only the QAT init here: qat() calibrates itself
-        qmodel = None
-    else:
-        qmodel = quantize(model.cpu(), loader, observer, keep_float=keep_float or (), max_drop=max_drop,
-                          val_loader=val, log=log)
+    train = ctx.data.loader("train", ctx.batch_size, seed=ctx.seed)
+    return quantize_then_qat(model.cpu(), loader, observer, keep_float=keep_float or (), max_drop=max_drop,
+                             val_loader=val, log=print if ctx.progress else None, qat_epochs=qat_epochs,
+                             qat_lr=qat_lr, train_loader=train, seed=ctx.seed, device=ctx.device,
+                             progress=ctx.progress, checkpoint_dir=ctx.stage_dir("qat"))
+
+
+def quantize_then_qat(model: nn.Module, calib_loader, observer: str = "minmax", *, keep_float=(),
+                      max_drop: float | None = None, val_loader=None, log=None, qat_epochs: int = 0,
+                      qat_lr: float = 1e-3, train_loader=None, **fit_options) -> QuantizedModel:
+    """PTQ with the optional accuracy guard (Jacob et al. 2018; Wu et al. 2020), then optionally QAT (Esser et al. 2020).
+
+    With ``qat_epochs`` > 0 the calibration initialises :func:`qat` on ``train_loader``; the
+    layers the guard kept in float stay float during QAT and its search stays on record. Without
+    a guard, PTQ is skipped (qat() calibrates itself). ``fit_options`` go to :func:`qat`.
+    """
+    if qat_epochs < 0:
+        raise SlimkitError(f"qat_epochs must be >= 0, got {qat_epochs}")
+    qmodel = None
+    if not qat_epochs or max_drop is not None:
+        qmodel = quantize(model, calib_loader, observer, keep_float=keep_float, max_drop=max_drop,
+                          val_loader=val_loader, log=log)
     if qat_epochs:
-        # layers the guard kept float stay float during QAT; the guard's search stays on record
-        keep = qmodel.keep_float if qmodel is not None else list(keep_float or ())
+        keep = qmodel.keep_float if qmodel is not None else list(keep_float)
         searched = getattr(qmodel, "guard", None)
-        train = ctx.data.loader("train", ctx.batch_size, seed=ctx.seed)
-        qmodel = qat(model.cpu(), train, epochs=qat_epochs, calib_loader=loader, lr=qat_lr, keep_float=keep,
-                     observer=observer, seed=ctx.seed, device=ctx.device, progress=ctx.progress,
-                     checkpoint_dir=ctx.stage_dir("qat"))
+        qmodel = qat(model, train_loader, epochs=qat_epochs, calib_loader=calib_loader, lr=qat_lr, keep_float=keep,
+                     observer=observer, **fit_options)
         if searched:
             qmodel.guard = searched
     return qmodel

@@ -57,7 +57,7 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     from ..models.registry import is_artifact_path
     from ..profile import profile
     from ..train import check_input, evaluate
-    from . import calibration_loader, quantize
+    from . import calibration_loader, quantize_then_qat
 
     log = logger(args)
     if getattr(args, "threads", None):
@@ -85,18 +85,10 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     qat_epochs = getattr(args, "qat_epochs", 0) or 0
     if qat_epochs < 0:
         raise SlimkitError(f"--qat-epochs must be >= 0, got {qat_epochs}")
-    qmodel = quantize(model, calib, args.observer, keep_float=keep, max_drop=args.max_drop, val_loader=val, log=log)
-    if qat_epochs:
-        # QAT from the PTQ calibration (Esser et al. 2020); the guard's float layers stay float
-        from .qat import qat
-
-        searched = getattr(qmodel, "guard", None)
-        train = data.loader("train", args.batch_size, seed=args.seed)
-        qmodel = qat(model, train, epochs=qat_epochs, calib_loader=calib, lr=args.qat_lr,
-                     keep_float=qmodel.keep_float, observer=args.observer, seed=args.seed,
-                     progress=not getattr(args, "json", False))
-        if searched:
-            qmodel.guard = searched
+    qmodel = quantize_then_qat(model, calib, args.observer, keep_float=keep, max_drop=args.max_drop, val_loader=val,
+                               log=log, qat_epochs=qat_epochs, qat_lr=args.qat_lr,
+                               train_loader=data.loader("train", args.batch_size, seed=args.seed), seed=args.seed,
+                               progress=not getattr(args, "json", False))
     seconds = time.perf_counter() - t0
 
     f_test, q_test = evaluate(model, test_loader), evaluate(qmodel, test_loader)
