@@ -19,8 +19,23 @@ same target. Torch-Pruning does not understand the option-A shortcut (``F.pad`` 
 unmodified it returns a broken model), so for it every ``PadShortcut`` is first swapped for an
 equivalent ``IndexPad`` (cat a zero channel + index_select) with a customised pruner.
 
-A variant ``NAME:untied`` prunes with ``untie_shortcuts=True`` (each ResNet stage's trunk on
-its own; the default keeps a stage-1 trunk channel and its copies in later stages together).
+A variant takes ``:FLAG`` suffixes: ``untied`` prunes with ``untie_shortcuts=True`` (each ResNet
+stage's trunk on its own, the library's default); without it the benchmark passes
+``untie_shortcuts=False`` (a stage-1 trunk channel and its copies in later stages together); ``ceil`` rounds each group's kept width up instead of down (``rounding``);
+``kd`` fine-tunes with Hinton et al.'s distillation from the unpruned model (T=4, alpha 0.9 as
+``slimkit.distill``'s defaults) instead of plain cross-entropy -- same epochs, lr and schedule;
+``fast`` replaces the MAC target by the speed goal itself, ``target_latency=1/1.7`` measured at
+batch 1 on this machine (the MACs then land where they land, below the target).
+Torch-Pruning's row takes ``:kd`` too (its pruned model through the same distilling fine-tune).
+``sparse`` first trains the baseline one epoch with the criterion's sparsity term
+(``slimkit.prune.sparsity_term``: SSL's group lasso for ``ssl``, Network Slimming's L1 on BN
+scales otherwise; ``--sparsity-strength``), an epoch more than the other rows get.
+``sens`` replaces the global ranking by Li et al.'s per-group sensitivity scan (each group pruned
+alone at 0.25/0.5/0.75 on 4 validation batches, ratios from the smallest accuracy-drop threshold
+that meets the MAC target, ``slimkit.prune.sensitivity_ratios``).
+The variant ``none`` is the control: the unpruned baseline through the same fine-tune (with a
+longer budget the baseline itself still improves, and the pruned rows should be read against
+it as well as against the adapted baseline).
 
 Every fine-tune checkpoints under ``--out`` (a killed run resumes the epoch), and each finished
 variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh`` redoes all).
@@ -28,6 +43,8 @@ variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh
     python benchmarks/prune.py --models resnet56 --epochs 1 --threads 1
     python benchmarks/prune.py --models resnet56,resnet20 --epochs 1 --threads 1 \
         --per-model "resnet20=group_l1,l1,random,torch-pruning-l1"   # fewer variants for resnet20
+    python benchmarks/prune.py --models resnet56 --epochs 1 --threads 1 \
+        --variants "group_l1,group_l1:kd,torch-pruning-l1,torch-pruning-l1:kd"
     python benchmarks/prune.py --limit 500 --epochs 1 --out /tmp/prune-smoke --repeats 3   # smoke
 """
 
@@ -51,8 +68,9 @@ from common import CIFAR, ROOT, markdown_table, record  # noqa: E402
 import slimkit  # noqa: E402
 from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
+from slimkit.distill import distill_terms  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.prune import DATA_CRITERIA, prune  # noqa: E402
+from slimkit.prune import DATA_CRITERIA, prune, sensitivity_ratios, sparsity_term  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
 
 CRITERIA = ("l1", "l2", "group_l1", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
@@ -179,21 +197,51 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     t0 = time.perf_counter()
     x = torch.zeros(1, *INPUT)
     info: dict = {"model": name, "variant": variant}
-    if variant == "torch-pruning-l1":
+    method, *flags = variant.split(":")
+    unknown = set(flags) - {"untied", "ceil", "kd", "fast", "sparse", "sens"}
+    if unknown:
+        raise SystemExit(f"variant {variant!r}: unknown flag(s) {', '.join(sorted(unknown))} "
+                         "(untied, ceil, kd, fast, sparse, sens)")
+    if "fast" in flags and method == "torch-pruning-l1":
+        raise SystemExit("variant :fast needs slimkit's measured-latency target; Torch-Pruning has none")
+    if method == "none":  # the control: the unpruned model through the same fine-tune
+        pruned = copy.deepcopy(base)
+    elif method == "torch-pruning-l1":
         pruned, ratio, trace = tp_search(base, args.target_macs, base_prof.macs)
         info["tp_ratio"], info["tp_search"] = ratio, trace
         log(f"{name} {variant}: pruning_ratio {ratio:.4f} after bisection {trace}")
     else:
-        criterion, _, how = variant.partition(":")
-        kwargs = {"untie_shortcuts": how == "untied"}
+        criterion = method
+        start = base
+        if "sparse" in flags:  # the paper's sparsity training first, on a copy (the baseline stays the teacher)
+            start = copy.deepcopy(base)
+            term_name, term = sparsity_term(criterion, start, x, args.sparsity_strength)
+            fit(start, data.loader("train", args.batch_size, seed=args.seed), epochs=1, lr=args.lr, weight_decay=5e-4,
+                schedule="cosine", seed=args.seed, progress=False, extra_losses={term_name: term},
+                checkpoint_dir=os.path.join(args.out, f"{name}-{variant}-sparsity-ckpt"))
+            start.eval()
+            info["sparsity_strength"] = args.sparsity_strength
+        kwargs = {"untie_shortcuts": "untied" in flags, "rounding": "ceil" if "ceil" in flags else "floor"}
         if criterion in DATA_CRITERIA:  # thinet and lasso also run their paper's weight reconstruction (auto)
             kwargs.update(loader=data.loader("train", args.batch_size, seed=args.seed), batches=args.batches)
         elif criterion == "random":
             kwargs["seed"] = args.seed
+        if "fast" in flags:  # the speed goal itself as the policy: measured bs1 latency <= 1/1.7 of the original
+            kwargs.update(target_latency=1 / 1.7, latency_batch=1)
+        elif "sens" in flags:  # Li et al.'s per-layer sensitivity on the validation split, ratios meeting the MACs
+            val = data.loader("val", args.batch_size, shuffle=True, augment=False, seed=args.seed)
+            crit = {k: v for k, v in kwargs.items() if k not in ("untie_shortcuts", "rounding", "batches")}
+            kwargs["ratios"], scan = sensitivity_ratios(start, x, val, criterion=criterion,
+                                                        target_macs=args.target_macs, batches=4, round_to=8,
+                                                        untie_shortcuts=kwargs["untie_shortcuts"], **crit)
+            info["sensitivity"] = scan.to_dict()
+        else:
+            kwargs["target_macs"] = args.target_macs
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            r = prune(base, x, criterion=criterion, target_macs=args.target_macs, round_to=8, **kwargs)
+            r = prune(start, x, criterion=criterion, round_to=8, **kwargs)
         pruned = r.model
+        info["latency_ratio_at_prune"] = r.latency_ratio
         info["warnings"] = [str(w.message) for w in caught]
     info["prune_s"] = time.perf_counter() - t0
     prof = profile(pruned, x)
@@ -205,9 +253,14 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
         f"top-1 before fine-tune {pct(info['top1_before_ft'])}")
     t1 = time.perf_counter()
     if args.epochs:
-        fit(pruned, data.loader("train", args.batch_size, seed=args.seed), epochs=args.epochs, lr=args.lr,
-            weight_decay=5e-4, schedule="cosine", seed=args.seed, progress=False,
-            checkpoint_dir=os.path.join(args.out, f"{name}-{variant}-ckpt"))
+        train = dict(epochs=args.epochs, lr=args.lr, weight_decay=5e-4, schedule="cosine", seed=args.seed,
+                     progress=False, checkpoint_dir=os.path.join(args.out, f"{name}-{variant}-ckpt"))
+        loader = data.loader("train", args.batch_size, seed=args.seed)
+        if "kd" in flags:
+            with distill_terms("kd", copy.deepcopy(base).eval(), pruned, x) as terms:
+                fit(pruned, loader, extra_losses=terms, **train)
+        else:
+            fit(pruned, loader, **train)
     info["finetune_min"] = (time.perf_counter() - t1) / 60
     info["top1_after_ft"] = evaluate(pruned, test)["top1"]
     info["delta_vs_base"] = info["top1_after_ft"] - base_top1
@@ -240,9 +293,18 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
 def row(info: dict, modes: list[str]) -> list:
     notes = {"slimming": " (no sparsity pre-training)", "thinet": " (+ scale reconstruction)",
              "lasso": " (+ least-squares reconstruction)"}
-    criterion, _, how = info["variant"].partition(":")
-    label = "Torch-Pruning 1.6 MetaPruner, L1 (global)" if info["variant"] == "torch-pruning-l1" else \
-        f"slimkit `{criterion}`" + notes.get(criterion, "") + (", stages untied" if how == "untied" else "")
+    method, *flags = info["variant"].split(":")
+    if "sparse" in flags:
+        notes.pop("slimming")
+    label = "Torch-Pruning 1.6 MetaPruner, L1 (global)" if method == "torch-pruning-l1" else \
+        "control: unpruned, same fine-tune" if method == "none" else \
+        f"slimkit `{method}`" + notes.get(method, "") + (", stages untied" if "untied" in flags else ", stages tied") \
+        + (", widths rounded up (ceil)" if "ceil" in flags else "")
+    label += ", KD fine-tune" if "kd" in flags else ""
+    label += ", target_latency=1/1.7 (bs1) instead of MACs" if "fast" in flags else ""
+    label += (f", after 1 epoch of its sparsity training (strength {info.get('sparsity_strength')})"
+              if "sparse" in flags else "")
+    label += ", per-group ratios from a sensitivity scan" if "sens" in flags else ""
     cells = [info["model"], label, f"{info['params'] / 1e6:.3f} M ({info['params_ratio']:.3f})",
              f"{info['macs'] / 1e6:.1f} M ({info['macs_ratio']:.3f})", pct(info["top1_before_ft"]),
              pct(info["top1_after_ft"]), f"{100 * info['delta_vs_base']:+.2f}"]
@@ -267,6 +329,8 @@ def main() -> None:
     p.add_argument("--modes", default="eager,torchscript", help="bench modes for the speed-up")
     p.add_argument("--repeats", type=int, default=20, help="interleaved A/B pairs per mode and batch size")
     p.add_argument("--limit", type=int, help="class-balanced subset per split (smoke tests only)")
+    p.add_argument("--sparsity-strength", type=float, default=1e-4,
+                   help="strength of the sparsity term for :sparse variants (L1 on BN scales; group lasso for ssl)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "prune-bench"))
     p.add_argument("--fresh", action="store_true", help="ignore cached variant results and checkpoints")
@@ -303,7 +367,8 @@ def main() -> None:
     budget = (f"{args.epochs} epoch(s) SGD momentum 0.9, lr {args.lr} cosine, weight decay 5e-4, batch "
               f"{args.batch_size}, crop+flip, on the {len(data.split('train')):,}-image train part")
     body = (f"Each variant starts from the adapted baseline (runs/baselines/MODEL.safetensors), is pruned to "
-            f"{args.target_macs} of the original MACs with `round_to=8`, then fine-tuned with the same fixed budget: "
+            f"{args.target_macs} of the original MACs with `round_to=8` (widths rounded down, `rounding=\"floor\"`, "
+            "unless marked ceil), then fine-tuned with the same fixed budget: "
             f"**{budget}** (`slimkit.train.fit`). Top-1 on the {n_test:,}-image CIFAR-10 (JPEG) test split. "
             "Params/MACs from `slimkit.profile`. Speed-up = original latency / pruned latency from "
             f"`slimkit.bench.compare` (interleaved A/B, {args.repeats} pairs, median of per-pair ratios, p10-p90 in "
@@ -319,8 +384,10 @@ def main() -> None:
         dates.setdefault(i.get("computed", "?"), []).append(i["variant"])
     if len(dates) > 1:  # cached rows from earlier runs: same code path and budget, other day
         body += "\n\nRows computed on: " + "; ".join(f"{d}: {', '.join(v)}" for d, v in sorted(dates.items())) + "."
+    seen = set()
     for i in infos:
-        if i["variant"] == "torch-pruning-l1":
+        if i["variant"].split(":")[0] == "torch-pruning-l1" and i["model"] not in seen:  # one search per model
+            seen.add(i["model"])
             body += (f"\n\nTorch-Pruning ({i['model']}): pruning_ratio {i['tp_ratio']:.4f}; bisection (ratio, MACs "
                      f"ratio): {', '.join(f'({r}, {m:.3f})' for r, m in i['tp_search'])}.")
     body += "\n\nPublished anchors (original CIFAR-10 binaries, long GPU fine-tunes; not comparable budgets):\n\n"
@@ -331,13 +398,19 @@ def main() -> None:
     if args.no_record:
         print(body)
     else:
-        record("prune", "Structured pruning on CIFAR-10 (JPEG)", body)
+        if args.epochs == 1:
+            record("prune", "Structured pruning on CIFAR-10 (JPEG)", body)
+        else:  # a longer budget is its own section, next to the one-epoch table
+            record(f"prune-{args.epochs}ep", f"Structured pruning on CIFAR-10 (JPEG), {args.epochs}-epoch fine-tune",
+                   body)
 
 
 def verdict(infos: list[dict], args) -> str:
     mode = "eager"
     lines = [(f"Goal: at most 0.5 points of top-1 lost vs the adapted baseline at <= {args.target_macs} of the MACs, "
               f"and >= 1.7x measured speed-up ({mode}, 1 thread). With the budget above:")]
+    control = {i["model"]: i["top1_after_ft"] for i in infos if i["variant"].split(":")[0] == "none"}
+    infos = [i for i in infos if i["variant"].split(":")[0] != "none"]
     for i in infos:
         s1, s64 = i["speedup"].get(f"{mode}-1"), i["speedup"].get(f"{mode}-64")
         acc_ok = i["delta_vs_base"] >= -0.005
@@ -352,6 +425,8 @@ def verdict(infos: list[dict], args) -> str:
             why.append(f"MACs {i['macs_ratio']:.3f}")
         if not sp_ok:
             why.append("speed-up " + "/".join(f"{v:.2f}x" for v in sp) + " (bs1/bs64)")
+        if i["model"] in control:
+            why.append(f"{100 * (i['top1_after_ft'] - control[i['model']]):+.2f} vs the unpruned control")
         lines.append(f"- {i['model']} {i['variant']}: {met}" + (f" ({'; '.join(why)})" if why else ""))
     if infos:
         best = max(infos, key=lambda i: i["delta_vs_base"])

@@ -429,11 +429,30 @@ def test_random_criterion_is_seeded():
 # -- policies ------------------------------------------------------------------------------------
 
 def test_keep_count_rounding():
-    assert _keep_count(64, 10, 8) == 56
-    assert _keep_count(64, 0, 8) == 64
-    assert _keep_count(16, 15, 8) == 8  # never below one multiple
-    assert _keep_count(5, 4, 8) == 5  # nor below the original when that is smaller
-    assert _keep_count(16, 15, 1) == 1
+    assert _keep_count(64, 10, 8, "ceil") == 56
+    assert _keep_count(64, 10, 8, "floor") == 48  # Torch-Pruning's rule: the kept width is rounded down
+    assert _keep_count(64, 1, 8, "floor") == 56  # one channel below the threshold costs a whole chunk
+    assert _keep_count(64, 1, 8, "ceil") == 64
+    for rounding in ("floor", "ceil"):
+        assert _keep_count(64, 0, 8, rounding) == 64
+        assert _keep_count(16, 15, 8, rounding) == 8  # never below one multiple
+        assert _keep_count(5, 4, 8, rounding) == 5  # nor below the original when that is smaller
+        assert _keep_count(16, 15, 1, rounding) == 1
+
+
+def test_rounding_spreads_or_concentrates_the_cut():
+    """Same scores and MAC target: floor cuts a chunk from more groups than ceil, both meet the target."""
+    model = slimkit.create_model("resnet20")
+    x = torch.zeros(1, 3, 32, 32)
+    cut = {}
+    for rounding in ("floor", "ceil"):
+        r = _quiet_prune(model, x, criterion="l1", target_macs=0.5, round_to=8, rounding=rounding)
+        assert r.macs_after <= 0.5 * r.macs_before
+        widths = _widths(r.model)
+        cut[rounding] = sum(1 for n, (i, o) in _widths(model).items() if widths[n][1] < o)
+    assert cut["floor"] > cut["ceil"]
+    with pytest.raises(SlimkitError, match="rounding"):
+        prune(model, x, target_macs=0.5, rounding="nearest")
 
 
 def test_rounded_widths_are_multiples():

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import SlimkitError
 from ..pipeline import Context, register_stage, run_finetune
 from .graph import ChannelGraph, Group, LayerRecord, build_graph
 from .importance import CRITERIA, DATA_CRITERIA, compute_importance, slimming_penalty, sparsity_term, ssl_penalty
 from .pruner import PrunedPadShortcut, PruneResult, apply_plan, estimate, plan, prune, prune_once
 from . import dcp  # noqa: F401  (registers the dcp criterion)
 from .reconstruct import RECONSTRUCT_MODES, reconstruct_mode, reconstruct_weights  # registers thinet, lasso
+from .sensitivity import Sensitivity, sensitivity_ratios, sensitivity_scan
 
 __all__ = ["CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
            "PrunedPadShortcut", "apply_plan", "build_graph", "compute_importance", "estimate", "plan", "prune",
-           "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "slimming_penalty",
-           "sparsity_term", "ssl_penalty"]
+           "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "Sensitivity", "sensitivity_ratios",
+           "sensitivity_scan", "slimming_penalty", "sparsity_term", "ssl_penalty"]
 
 
 @register_stage("prune")
@@ -37,7 +39,8 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
                 round_to: int = 8, protected: list[str] | None = None, steps: int = 1, step_finetune: dict | None = None,
                 batches: int = 8, sparsity: dict | None = None, reconstruct: bool | str | None = None,
                 target_latency: float | None = None, latency_batch: int = 1,
-                untie_shortcuts: bool = False) -> nn.Module:
+                untie_shortcuts: bool = True, rounding: str = "floor",
+                sensitivity: dict | None = None) -> nn.Module:
     """Recipe stage: structured pruning (criteria of Li et al. 2017, Molchanov et al. 2017/2019, Liu et al. 2017,
     Wen et al. 2016, Luo et al. 2017, He et al. 2017, Zhuang et al. 2018).
 
@@ -48,8 +51,10 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
     sparsity term (:func:`sparsity_term`: SSL's group lasso for ``ssl``, Network Slimming's L1 on
     batch-norm scales otherwise); ``reconstruct`` (see :func:`reconstruct_mode`; by default on
     for ``thinet`` and ``lasso``) re-solves the cut layers' weights against the unpruned model
-    after the last step. The kept channel indices are recorded in the stage's provenance and
-    written to the stage folder.
+    after the last step. ``sensitivity: {max_drop, steps, batches}`` sets per-group ratios from
+    a sensitivity scan on the validation split (Li et al. 2017, :func:`sensitivity_ratios`): with
+    ``target_macs`` the smallest drop threshold that meets it, else ``max_drop``. The kept
+    channel indices are recorded in the stage's provenance and written to the stage folder.
     """
     import dataclasses
     import json
@@ -81,11 +86,26 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
     def between(m: nn.Module, i: int) -> None:
         run_finetune(m, sub(f"step{i}"), **(step_finetune or {"epochs": 1, "lr": 0.01}))
 
+    scan = None
+    if sensitivity is not None:
+        opts = dict(sensitivity)
+        unknown = set(opts) - {"max_drop", "steps", "batches"}
+        if unknown:
+            raise SlimkitError(f"prune stage: unknown sensitivity option(s) {', '.join(sorted(unknown))} "
+                               "(max_drop, steps, batches)")
+        split = "val" if len(ctx.data.split("val")) else "test"
+        loader = ctx.data.loader(split, ctx.batch_size, shuffle=True, augment=False, seed=ctx.seed)
+        ratios, scan = sensitivity_ratios(model, x, loader, criterion=criterion, target_macs=target_macs,
+                                          round_to=round_to, untie_shortcuts=untie_shortcuts,
+                                          **{k: opts[k] for k in ("max_drop", "steps", "batches") if k in opts},
+                                          **{k: v for k, v in kwargs.items() if k != "batches"})
+        target_macs = None
     result = prune(model, x, criterion=criterion, target_macs=target_macs, target_params=target_params, ratio=ratio,
                    ratios=ratios, round_to=round_to, protected=tuple(protected or ()), steps=steps,
                    finetune=between, inplace=True, reconstruct=reconstruct, target_latency=target_latency,
-                   latency_batch=latency_batch, untie_shortcuts=untie_shortcuts, **kwargs)
-    result.model.slimkit_prune = {"kept": result.kept, **result.summary()}
+                   latency_batch=latency_batch, untie_shortcuts=untie_shortcuts, rounding=rounding, **kwargs)
+    result.model.slimkit_prune = {"kept": result.kept, **result.summary(),
+                                  **({"sensitivity": scan.to_dict(), "ratios": ratios} if scan else {})}
     ctx.details.update(result.model.slimkit_prune)  # kept indices go into the artifact's provenance
     atomic_write_text(os.path.join(ctx.stage_dir("prune"), "kept_channels.json"),
                       json.dumps(result.model.slimkit_prune, indent=1))

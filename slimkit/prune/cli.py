@@ -29,10 +29,19 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     policy.add_argument("--target-latency", type=float,
                         help="keep this fraction of the original's measured eager latency on this machine")
     policy.add_argument("--ratio", type=float, help="uniform: remove this fraction of every group's channels")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="per-group ratios from a sensitivity scan on the validation split (Li et al. 2017): "
+                             "with --target-macs, the smallest accuracy-drop threshold that meets it; with "
+                             "--max-drop D, that threshold (needs --data)")
+    parser.add_argument("--max-drop", type=float, help="with --sensitivity: top-1 drop allowed per group (0.02)")
     parser.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is timed at")
-    parser.add_argument("--untie-shortcuts", action="store_true",
-                        help="prune each stage of an option-A ResNet on its own (shortcuts carry zeros)")
+    parser.add_argument("--tie-shortcuts", action="store_true",
+                        help="option-A ResNets: keep a stage-1 trunk channel and its copies in later stages together "
+                             "(default: each stage's trunk is pruned on its own, shortcuts carry zeros)")
     parser.add_argument("--round-to", type=int, default=8, help="keep channel counts multiples of this (default 8)")
+    parser.add_argument("--rounding", default="floor", choices=("floor", "ceil"),
+                        help="round each group's kept width down (floor: a group with any channel below the "
+                             "threshold loses a whole chunk; Torch-Pruning's rule) or up (ceil)")
     parser.add_argument("--protect", default="", help="comma-separated layer names whose shape must not change")
     parser.add_argument("--steps", type=int, default=1, help="iterative pruning steps (fine-tuning in between)")
     parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (accuracy, data-driven criteria, "
@@ -81,17 +90,22 @@ def cli_prune(args: argparse.Namespace) -> dict:
     log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if args.target_macs is None and args.target_params is None and args.ratio is None and args.target_latency is None:
-        raise SlimkitError("prune: give --target-macs, --target-params, --target-latency or --ratio")
+    if args.sensitivity and (args.target_macs is None) == (args.max_drop is None):
+        raise SlimkitError("prune: --sensitivity takes exactly one of --target-macs and --max-drop")
+    if args.max_drop is not None and not args.sensitivity:
+        raise SlimkitError("prune: --max-drop goes with --sensitivity")
+    if (args.target_macs is None and args.target_params is None and args.ratio is None and args.target_latency is None
+            and not args.sensitivity):
+        raise SlimkitError("prune: give --target-macs, --target-params, --target-latency, --ratio or --sensitivity")
     data = None
     if args.data:
         from ..data import load
 
         data = load(args.data, limit=args.limit, seed=args.seed)
-    needs_data = args.criterion in DATA_CRITERIA or mode or args.finetune_epochs
+    needs_data = args.criterion in DATA_CRITERIA or mode or args.finetune_epochs or args.sensitivity
     if needs_data and data is None:
         what = (f"--criterion {args.criterion}" if args.criterion in DATA_CRITERIA
-                else f"--reconstruct {mode}" if mode else "--finetune-epochs")
+                else f"--reconstruct {mode}" if mode else "--sensitivity" if args.sensitivity else "--finetune-epochs")
         raise SlimkitError(f"prune: --data is needed for {what}")
     num_classes = None if is_artifact_path(args.model) else (
         args.num_classes or (data.info.num_classes if data else None))
@@ -129,11 +143,24 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     protect = [n for n in args.protect.split(",") if n]
-    result = prune(model, example, criterion=args.criterion, target_macs=args.target_macs,
+    target_macs, ratios, scan = args.target_macs, None, None
+    if args.sensitivity:
+        from .sensitivity import sensitivity_ratios
+
+        split = "val" if len(data.split("val")) else "test"
+        ratios, scan = sensitivity_ratios(model, example, data.loader(split, args.batch_size, shuffle=True, augment=False,
+                                                                     seed=args.seed),
+                                          criterion=args.criterion, target_macs=args.target_macs,
+                                          max_drop=args.max_drop, batches=args.batches, round_to=args.round_to,
+                                          untie_shortcuts=not args.tie_shortcuts,
+                                          **{k: v for k, v in kwargs.items() if k != "batches"})
+        target_macs = None
+        log(f"sensitivity scan ({split} split): ratios {ratios}")
+    result = prune(model, example, criterion=args.criterion, target_macs=target_macs, ratios=ratios,
                    target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
                    steps=args.steps, finetune=finetune, target_latency=args.target_latency,
                    latency_batch=args.latency_batch, reconstruct=mode or False,
-                   untie_shortcuts=args.untie_shortcuts, **kwargs)
+                   untie_shortcuts=not args.tie_shortcuts, rounding=args.rounding, **kwargs)
     pruned = result.model  # reconstructed (if asked) before fine-tuning: the better start (He et al. 2017)
     reconstruction = result.reconstruction["layers"] if result.reconstruction else None
     if args.finetune_epochs:
@@ -144,7 +171,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
     params = {"criterion": args.criterion, "target_macs": args.target_macs, "target_params": args.target_params,
               "target_latency": args.target_latency, "latency_batch": args.latency_batch,
-              "untie_shortcuts": args.untie_shortcuts,
+              "untie_shortcuts": not args.tie_shortcuts, "rounding": args.rounding, "sensitivity": args.sensitivity,
+              "max_drop": args.max_drop, "ratios": ratios,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
               "finetune_epochs": args.finetune_epochs, "distill": args.distill, "reconstruct": mode}
     summary = result.summary()
@@ -164,6 +192,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
            "warnings": result.warnings, "unprunable": result.unprunable, "kept": result.kept}
     if reconstruction is not None:
         out["reconstruction"] = reconstruction
+    if scan is not None:
+        out["sensitivity"] = scan.to_dict()
     if data:
         out.update({"data": args.data, "test_top1_before": before["top1"], "test_top1_after": after["top1"],
                     "top1_drop": before["top1"] - after["top1"]})
