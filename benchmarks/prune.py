@@ -70,7 +70,7 @@ from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.distill import distill_terms  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.prune import DATA_CRITERIA, prune, sensitivity_ratios, sparsity_term  # noqa: E402
+from slimkit.prune import DATA_CRITERIA, held_out_loader, prune, sensitivity_ratios, sparsity_term  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
 
 CRITERIA = ("l1", "l2", "group_l1", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
@@ -229,11 +229,10 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
         if "fast" in flags:  # the speed goal itself as the policy: measured bs1 latency <= 1/1.7 of the original
             kwargs.update(target_latency=1 / 1.7, latency_batch=1)
         elif "sens" in flags:  # Li et al.'s per-layer sensitivity on the validation split, ratios meeting the MACs
-            val = data.loader("val", args.batch_size, shuffle=True, augment=False, seed=args.seed)
-            crit = {k: v for k, v in kwargs.items() if k not in ("untie_shortcuts", "rounding", "batches")}
-            kwargs["ratios"], scan = sensitivity_ratios(start, x, val, criterion=criterion,
-                                                        target_macs=args.target_macs, batches=4, round_to=8,
-                                                        untie_shortcuts=kwargs["untie_shortcuts"], **crit)
+            crit = {k: v for k, v in kwargs.items() if k != "batches"}
+            kwargs["ratios"], scan = sensitivity_ratios(start, x, held_out_loader(data, args.batch_size, args.seed),
+                                                        criterion=criterion, target_macs=args.target_macs, batches=4,
+                                                        round_to=8, **crit)
             info["sensitivity"] = scan.to_dict()
         else:
             kwargs["target_macs"] = args.target_macs

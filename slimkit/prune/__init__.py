@@ -25,11 +25,11 @@ from .importance import CRITERIA, DATA_CRITERIA, compute_importance, slimming_pe
 from .pruner import PrunedPadShortcut, PruneResult, apply_plan, estimate, plan, prune, prune_once
 from . import dcp  # noqa: F401  (registers the dcp criterion)
 from .reconstruct import RECONSTRUCT_MODES, reconstruct_mode, reconstruct_weights  # registers thinet, lasso
-from .sensitivity import Sensitivity, sensitivity_ratios, sensitivity_scan
+from .sensitivity import Sensitivity, held_out_loader, sensitivity_ratios, sensitivity_scan
 
 __all__ = ["CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
            "PrunedPadShortcut", "apply_plan", "build_graph", "compute_importance", "estimate", "plan", "prune",
-           "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "Sensitivity", "sensitivity_ratios",
+           "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "Sensitivity", "held_out_loader", "sensitivity_ratios",
            "sensitivity_scan", "slimming_penalty", "sparsity_term", "ssl_penalty"]
 
 
@@ -93,10 +93,9 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
         if unknown:
             raise SlimkitError(f"prune stage: unknown sensitivity option(s) {', '.join(sorted(unknown))} "
                                "(max_drop, steps, batches)")
-        split = "val" if len(ctx.data.split("val")) else "test"
-        loader = ctx.data.loader(split, ctx.batch_size, shuffle=True, augment=False, seed=ctx.seed)
-        ratios, scan = sensitivity_ratios(model, x, loader, criterion=criterion, target_macs=target_macs,
-                                          round_to=round_to, untie_shortcuts=untie_shortcuts,
+        ratios, scan = sensitivity_ratios(model, x, held_out_loader(ctx.data, ctx.batch_size, ctx.seed),
+                                          criterion=criterion, target_macs=target_macs, round_to=round_to,
+                                          rounding=rounding, untie_shortcuts=untie_shortcuts,
                                           **{k: opts[k] for k in ("max_drop", "steps", "batches") if k in opts},
                                           **{k: v for k, v in kwargs.items() if k != "batches"})
         target_macs = None

@@ -145,17 +145,15 @@ def cli_prune(args: argparse.Namespace) -> dict:
     protect = [n for n in args.protect.split(",") if n]
     target_macs, ratios, scan = args.target_macs, None, None
     if args.sensitivity:
-        from .sensitivity import sensitivity_ratios
+        from .sensitivity import held_out_loader, sensitivity_ratios
 
-        split = "val" if len(data.split("val")) else "test"
-        ratios, scan = sensitivity_ratios(model, example, data.loader(split, args.batch_size, shuffle=True, augment=False,
-                                                                     seed=args.seed),
+        ratios, scan = sensitivity_ratios(model, example, held_out_loader(data, args.batch_size, args.seed),
                                           criterion=args.criterion, target_macs=args.target_macs,
                                           max_drop=args.max_drop, batches=args.batches, round_to=args.round_to,
-                                          untie_shortcuts=not args.tie_shortcuts,
+                                          rounding=args.rounding, untie_shortcuts=not args.tie_shortcuts,
                                           **{k: v for k, v in kwargs.items() if k != "batches"})
         target_macs = None
-        log(f"sensitivity scan ({split} split): ratios {ratios}")
+        log(f"sensitivity scan: ratios {ratios}")
     result = prune(model, example, criterion=args.criterion, target_macs=target_macs, ratios=ratios,
                    target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
                    steps=args.steps, finetune=finetune, target_latency=args.target_latency,

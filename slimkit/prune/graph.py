@@ -419,8 +419,9 @@ def build_graph(model: nn.Module, example_input: torch.Tensor, protected: list[s
     emitted as Python warnings); the returned graph never allows a removal that would change
     the function other than by dropping the chosen channels. ``untie_shortcuts`` gives every
     option-A shortcut fresh output channels, so each ResNet stage's trunk is pruned on its own
-    (the shortcut then carries zeros where its source was removed); by default a copied channel
-    stays one channel across stages, which kept more accuracy in our CIFAR-10 measurements.
+    (the shortcut then carries zeros where its source was removed); otherwise a copied channel
+    stays one channel across stages. :func:`~slimkit.prune.prune` passes ``True`` by default
+    (with floor rounding it kept more accuracy in our CIFAR-10 measurements, docs/prune.md).
     """
     gm, leaves = trace(model)
     b = _Builder(model, gm, leaves, untie_shortcuts)

@@ -20,18 +20,19 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..train import evaluate
 from .graph import build_graph
 from .importance import CRITERIA, compute_importance
 from .pruner import apply_plan, estimate, plan
 
-__all__ = ["Sensitivity", "sensitivity_ratios", "sensitivity_scan"]
+__all__ = ["Sensitivity", "held_out_loader", "sensitivity_ratios", "sensitivity_scan"]
 
 
 @dataclass
@@ -42,8 +43,6 @@ class Sensitivity:
     top1: dict[str, dict[float, float]]  # group (its first producing layer) -> ratio -> top-1
     criterion: str
     steps: tuple[float, ...]
-    macs: dict[str, dict[float, int]] = field(default_factory=dict)  # MACs saved by each probe
-    base_macs: int = 0
 
     def ratios(self, max_drop: float) -> dict[str, float]:
         """Per-group ratios for ``prune(ratios=...)``: the largest scanned ratio whose top-1 drop and
@@ -61,7 +60,7 @@ class Sensitivity:
         return out
 
     def ratios_for_macs(self, model: nn.Module, example_input: torch.Tensor, target_macs: float, *,
-                        round_to: int = 8, untie_shortcuts: bool = True, iters: int = 20) -> dict[str, float]:
+                        round_to: int = 8, untie_shortcuts: bool = True, rounding: str = "floor") -> dict[str, float]:
         """The ratios of the smallest ``max_drop`` whose pruned ``model`` has at most ``target_macs`` of its MACs.
 
         The MACs come from the planner's exact cost model (no model is built); ``model`` and the
@@ -78,7 +77,7 @@ class Sensitivity:
 
         def frac(max_drop: float) -> float:
             removed = plan(graph, scores, base_macs=total, base_params=1, ratios=self.ratios(max_drop),
-                           round_to=round_to)
+                           round_to=round_to, rounding=rounding)
             return (fixed + estimate(graph, removed)[0]) / total
 
         drops = sorted({max(0.0, self.base_top1 - t) for v in self.top1.values() for t in v.values()})
@@ -111,19 +110,17 @@ class Sensitivity:
                 "top1": {k: {str(r): v for r, v in d.items()} for k, d in self.top1.items()}}
 
 
-def _top1(model: nn.Module, batches: list, device) -> float:
-    correct = n = 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-            n += int(y.numel())
-    return correct / n
+def held_out_loader(data, batch_size: int, seed: int = 0):
+    """The scan's evaluation data: the validation split (test when there is none), unaugmented, shuffled once by
+    ``seed`` so the first batches mix the classes."""
+    split = "val" if len(data.split("val")) else "test"
+    return data.loader(split, batch_size, shuffle=True, augment=False, seed=seed)
 
 
 def sensitivity_scan(model: nn.Module, example_input: torch.Tensor, loader: Iterable, *, criterion: str = "l1",
                      steps: Sequence[float] = (0.25, 0.5, 0.75), batches: int = 4, round_to: int = 1,
-                     protected: Sequence[str] = (), untie_shortcuts: bool = True, device: str | torch.device = "cpu",
-                     **criterion_kwargs) -> Sensitivity:
+                     rounding: str = "floor", protected: Sequence[str] = (), untie_shortcuts: bool = True,
+                     device: str | torch.device = "cpu", **criterion_kwargs) -> Sensitivity:
     """Prune every group of ``model`` alone at each ratio in ``steps`` and measure top-1 (Li et al., ICLR 2017).
 
     The criterion (any name in :data:`CRITERIA`; ``criterion_kwargs`` as for :func:`prune`)
@@ -147,49 +144,47 @@ def sensitivity_scan(model: nn.Module, example_input: torch.Tensor, loader: Iter
     model = copy.deepcopy(model).to(device).eval()
     graph = build_graph(model, example_input.to(device), tuple(protected), untie_shortcuts)
     scores = compute_importance(criterion, model, graph, **criterion_kwargs)
-    none = np.zeros(graph.num_classes, dtype=bool)
-    m0 = estimate(graph, none)[0]
-    base = _top1(model, data, device)
+    base = evaluate(model, data, device=device)["top1"]
     ok = graph.prunable()
     top1: dict[str, dict[float, float]] = {}
-    saved: dict[str, dict[float, int]] = {}
     for g in graph.groups:
         if not g.producers or not ok[g.classes].any():
             continue
         key = g.producers[0]
         for r in steps:
-            removed = plan(graph, scores, base_macs=m0, base_params=1, ratios={key: r}, round_to=round_to)
+            removed = plan(graph, scores, base_macs=1, base_params=1, ratios={key: r}, round_to=round_to,
+                           rounding=rounding)
             if not removed.any():
                 continue
             probe_model, probe_graph = copy.deepcopy((model, graph))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 apply_plan(probe_model, probe_graph, removed)
-            top1.setdefault(key, {})[r] = _top1(probe_model.eval(), data, device)
-            saved.setdefault(key, {})[r] = int(m0 - estimate(graph, removed)[0])
-    return Sensitivity(base, top1, criterion, steps, saved, int(m0))
+            top1.setdefault(key, {})[r] = evaluate(probe_model, data, device=device)["top1"]
+    return Sensitivity(base, top1, criterion, steps)
 
 
 def sensitivity_ratios(model: nn.Module, example_input: torch.Tensor, loader: Iterable, *, criterion: str = "l1",
                        target_macs: float | None = None, max_drop: float | None = None,
                        steps: Sequence[float] = (0.25, 0.5, 0.75), batches: int = 4, round_to: int = 8,
-                       untie_shortcuts: bool = True, device: str | torch.device = "cpu",
+                       rounding: str = "floor", untie_shortcuts: bool = True, device: str | torch.device = "cpu",
                        **criterion_kwargs) -> tuple[dict[str, float], Sensitivity]:
     """Scan (:func:`sensitivity_scan`) and turn the scan into ``prune(ratios=...)`` (Li et al., ICLR 2017).
 
     Exactly one of ``target_macs`` (the smallest drop threshold whose ratios meet that fraction
     of the MACs, :meth:`Sensitivity.ratios_for_macs`) and ``max_drop`` (:meth:`Sensitivity.ratios`).
-    The probes use the same ``round_to`` as the ratios will be applied with, so each probe is
-    the width the final model gets. The one entry point the recipe stage and ``slimkit prune
+    The probes use the same ``round_to`` and ``rounding`` as the ratios will be applied with, so
+    each probe is the width the final model gets. The one entry point the recipe stage and ``slimkit prune
     --sensitivity`` share.
     """
     if (target_macs is None) == (max_drop is None):
         raise SlimkitError("sensitivity: give exactly one of target_macs and max_drop")
     scan = sensitivity_scan(model, example_input, loader, criterion=criterion, steps=steps, batches=batches,
-                            round_to=round_to, untie_shortcuts=untie_shortcuts, device=device, **criterion_kwargs)
+                            round_to=round_to, rounding=rounding, untie_shortcuts=untie_shortcuts, device=device,
+                            **criterion_kwargs)
     if target_macs is not None:
         ratios = scan.ratios_for_macs(model, example_input, target_macs, round_to=round_to,
-                                      untie_shortcuts=untie_shortcuts)
+                                      untie_shortcuts=untie_shortcuts, rounding=rounding)
     else:
         ratios = scan.ratios(max_drop)
     return ratios, scan
