@@ -33,6 +33,11 @@ scales otherwise; ``--sparsity-strength``), an epoch more than the other rows ge
 ``sens`` replaces the global ranking by Li et al.'s per-group sensitivity scan (each group pruned
 alone at 0.25/0.5/0.75 on 4 validation batches, ratios from the smallest accuracy-drop threshold
 that meets the MAC target, ``slimkit.prune.sensitivity_ratios``).
+``blocks`` is depth pruning (``slimkit.prune.prune_blocks``): whole residual blocks removed, the
+least useful first (loss rise on ``--block-batches`` validation batches per MAC saved, re-scored
+after each removal), until the MAC target is met; the widths stay. ``depthNN`` on a criterion
+first removes blocks down to NN% of the MACs, then prunes the channels of what is left to the
+target (still a fraction of the original).
 The variant ``none`` is the control: the unpruned baseline through the same fine-tune (with a
 longer budget the baseline itself still improves, and the pruned rows should be read against
 it as well as against the adapted baseline).
@@ -70,7 +75,8 @@ from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.distill import distill_terms  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.prune import DATA_CRITERIA, held_out_loader, prune, sensitivity_ratios, sparsity_term  # noqa: E402
+from slimkit.prune import (DATA_CRITERIA, held_out_loader, prune, prune_blocks, sensitivity_ratios,  # noqa: E402
+                           sparsity_term)
 from slimkit.train import evaluate, fit  # noqa: E402
 
 CRITERIA = ("l1", "l2", "group_l1", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
@@ -198,23 +204,35 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     x = torch.zeros(1, *INPUT)
     info: dict = {"model": name, "variant": variant}
     method, *flags = variant.split(":")
-    unknown = set(flags) - {"untied", "ceil", "kd", "fast", "sparse", "sens"}
-    if unknown:
-        raise SystemExit(f"variant {variant!r}: unknown flag(s) {', '.join(sorted(unknown))} "
-                         "(untied, ceil, kd, fast, sparse, sens)")
+    depth = [f for f in flags if f.startswith("depth")]
+    unknown = set(flags) - {"untied", "ceil", "kd", "fast", "sparse", "sens"} - set(depth)
+    if unknown or len(depth) > 1 or (depth and not depth[0][5:].isdigit()):
+        raise SystemExit(f"variant {variant!r}: unknown flag(s) {', '.join(sorted(unknown or depth))} "
+                         "(untied, ceil, kd, fast, sparse, sens, depthNN)")
+    depth_macs = int(depth[0][5:]) / 100 if depth else None
+    if depth_macs is not None and not args.target_macs < depth_macs <= 1:
+        raise SystemExit(f"variant {variant!r}: depthNN keeps NN% of the MACs, above --target-macs")
     if "fast" in flags and method == "torch-pruning-l1":
         raise SystemExit("variant :fast needs slimkit's measured-latency target; Torch-Pruning has none")
+    start, scale = base, 1.0
+    if method == "blocks" or depth_macs:  # whole residual blocks first, scored on held-out batches
+        r = prune_blocks(base, x, held_out_loader(data, args.batch_size, args.seed), batches=args.block_batches,
+                         target_macs=depth_macs or args.target_macs)
+        start, scale = r.model, r.macs_before / r.macs_after  # channel targets stay fractions of the original
+        info["removed_blocks"], info["block_scores"] = r.removed, r.scores
+        log(f"{name} {variant}: removed {len(r.removed)} blocks {r.removed}")
     if method == "none":  # the control: the unpruned model through the same fine-tune
         pruned = copy.deepcopy(base)
+    elif method == "blocks":
+        pruned = start
     elif method == "torch-pruning-l1":
         pruned, ratio, trace = tp_search(base, args.target_macs, base_prof.macs)
         info["tp_ratio"], info["tp_search"] = ratio, trace
         log(f"{name} {variant}: pruning_ratio {ratio:.4f} after bisection {trace}")
     else:
         criterion = method
-        start = base
         if "sparse" in flags:  # the paper's sparsity training first, on a copy (the baseline stays the teacher)
-            start = copy.deepcopy(base)
+            start = copy.deepcopy(start)
             term_name, term = sparsity_term(criterion, start, x, args.sparsity_strength)
             fit(start, data.loader("train", args.batch_size, seed=args.seed), epochs=1, lr=args.lr, weight_decay=5e-4,
                 schedule="cosine", seed=args.seed, progress=False, extra_losses={term_name: term},
@@ -231,11 +249,12 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
         elif "sens" in flags:  # Li et al.'s per-layer sensitivity on the validation split, ratios meeting the MACs
             crit = {k: v for k, v in kwargs.items() if k != "batches"}
             kwargs["ratios"], scan = sensitivity_ratios(start, x, held_out_loader(data, args.batch_size, args.seed),
-                                                        criterion=criterion, target_macs=args.target_macs, batches=4,
+                                                        criterion=criterion, target_macs=args.target_macs * scale,
+                                                        batches=4,
                                                         round_to=8, **crit)
             info["sensitivity"] = scan.to_dict()
         else:
-            kwargs["target_macs"] = args.target_macs
+            kwargs["target_macs"] = args.target_macs * scale
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             r = prune(start, x, criterion=criterion, round_to=8, **kwargs)
@@ -255,11 +274,13 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
         train = dict(epochs=args.epochs, lr=args.lr, weight_decay=5e-4, schedule="cosine", seed=args.seed,
                      progress=False, checkpoint_dir=os.path.join(args.out, f"{name}-{variant}-ckpt"))
         loader = data.loader("train", args.batch_size, seed=args.seed)
+        torch.set_num_threads(args.train_threads or args.threads)  # the timings below set their own threads
         if "kd" in flags:
             with distill_terms("kd", copy.deepcopy(base).eval(), pruned, x) as terms:
                 fit(pruned, loader, extra_losses=terms, **train)
         else:
             fit(pruned, loader, **train)
+        torch.set_num_threads(args.threads)
     info["finetune_min"] = (time.perf_counter() - t1) / 60
     info["top1_after_ft"] = evaluate(pruned, test)["top1"]
     info["delta_vs_base"] = info["top1_after_ft"] - base_top1
@@ -295,8 +316,11 @@ def row(info: dict, modes: list[str]) -> list:
     method, *flags = info["variant"].split(":")
     if "sparse" in flags:
         notes.pop("slimming")
+    depth = next((f for f in flags if f.startswith("depth")), None)
     label = "Torch-Pruning 1.6 MetaPruner, L1 (global)" if method == "torch-pruning-l1" else \
         "control: unpruned, same fine-tune" if method == "none" else \
+        f"slimkit `prune_blocks` (depth only: {len(info['removed_blocks'])} whole residual blocks removed)" \
+        if method == "blocks" else \
         f"slimkit `{method}`" + notes.get(method, "") + (", stages untied" if "untied" in flags else ", stages tied") \
         + (", widths rounded up (ceil)" if "ceil" in flags else "")
     label += ", KD fine-tune" if "kd" in flags else ""
@@ -304,6 +328,8 @@ def row(info: dict, modes: list[str]) -> list:
     label += (f", after 1 epoch of its sparsity training (strength {info.get('sparsity_strength')})"
               if "sparse" in flags else "")
     label += ", per-group ratios from a sensitivity scan" if "sens" in flags else ""
+    label += (f", after removing {len(info['removed_blocks'])} residual blocks (to {int(depth[5:])}% of the MACs)"
+              if depth else "")
     cells = [info["model"], label, f"{info['params'] / 1e6:.3f} M ({info['params_ratio']:.3f})",
              f"{info['macs'] / 1e6:.1f} M ({info['macs_ratio']:.3f})", pct(info["top1_before_ft"]),
              pct(info["top1_after_ft"]), f"{100 * info['delta_vs_base']:+.2f}"]
@@ -324,7 +350,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=8, help="training batches for the taylor criterion")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--block-batches", type=int, default=4,
+                   help="validation batches that score each residual block (blocks, :depthNN variants)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for everything but the fine-tune")
+    p.add_argument("--train-threads", type=int, help="torch threads for the fine-tune (default: --threads); "
+                                                        "accuracy does not depend on it, only the minutes")
     p.add_argument("--modes", default="eager,torchscript", help="bench modes for the speed-up")
     p.add_argument("--repeats", type=int, default=20, help="interleaved A/B pairs per mode and batch size")
     p.add_argument("--limit", type=int, help="class-balanced subset per split (smoke tests only)")
@@ -371,7 +401,8 @@ def main() -> None:
             f"**{budget}** (`slimkit.train.fit`). Top-1 on the {n_test:,}-image CIFAR-10 (JPEG) test split. "
             "Params/MACs from `slimkit.profile`. Speed-up = original latency / pruned latency from "
             f"`slimkit.bench.compare` (interleaved A/B, {args.repeats} pairs, median of per-pair ratios, p10-p90 in "
-            f"brackets), {args.threads} thread, CPU. `slimming` scores the BN scales of the adapted model as they "
+            f"brackets), {args.threads} thread, CPU (fine-tunes ran with {args.train_threads or args.threads} "
+            "thread(s); that changes their minutes, not what they compute). `slimming` scores the BN scales of the adapted model as they "
             "are, without Liu et al.'s sparsity pre-training. `random` is the control. Torch-Pruning: "
             "`MetaPruner(MagnitudeImportance(p=1), global_pruning=True, round_to=8, ignored_layers=[linear])`, its "
             "`pruning_ratio` bisected (12 steps) to the smallest value whose profiled MACs meet the same target; its "

@@ -254,7 +254,7 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "distill": ("slimkit.distill.cli", "add_distill_args", "cli_distill",
                 "train a student from a teacher (KD, AT, FitNets, FSP, FT, ONE, Moonshine, MUNGE)"),
     "prune": ("slimkit.prune.cli", "add_prune_args", "cli_prune",
-              "structured pruning of filters/channels through a dependency graph"),
+              "structured pruning of filters/channels through a dependency graph, or of whole residual blocks"),
     "quantize": ("slimkit.quant.cli", "add_quantize_args", "cli_quantize",
                  "post-training static int8 quantization running on int8 kernels"),
     "transform": ("slimkit.transform.cli", "add_transform_args", "cli_transform",

@@ -8,6 +8,9 @@
     r.kept           # {"layer1.0.conv1": {"in": [...], "out": [...]}, ...} w.r.t. the original
     r.summary()      # params/MACs before and after (profiler), warnings, unprunable layers
 
+Whole residual blocks can be removed too (depth pruning, :mod:`slimkit.prune.depth`):
+``prune_blocks(model, x, val_loader, target_macs=0.5)``.
+
 See docs/prune.md for how channels are grouped (:mod:`slimkit.prune.graph`), the criteria
 (:mod:`slimkit.prune.importance`; the data-driven reconstruction criteria and the least-squares
 weight reconstruction in :mod:`slimkit.prune.reconstruct`) and the policies
@@ -26,8 +29,9 @@ from .pruner import PrunedPadShortcut, PruneResult, apply_plan, estimate, plan, 
 from . import dcp  # noqa: F401  (registers the dcp criterion)
 from .reconstruct import RECONSTRUCT_MODES, reconstruct_mode, reconstruct_weights  # registers thinet, lasso
 from .sensitivity import Sensitivity, held_out_loader, sensitivity_ratios, sensitivity_scan
+from .depth import Block, DepthResult, find_blocks, prune_blocks, remove_blocks
 
-__all__ = ["CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
+__all__ = ["Block", "DepthResult", "find_blocks", "prune_blocks", "prune_blocks_stage", "remove_blocks", "CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
            "PrunedPadShortcut", "apply_plan", "build_graph", "compute_importance", "estimate", "plan", "prune",
            "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "Sensitivity", "held_out_loader", "sensitivity_ratios",
            "sensitivity_scan", "slimming_penalty", "sparsity_term", "ssl_penalty"]
@@ -108,4 +112,32 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
     ctx.details.update(result.model.slimkit_prune)  # kept indices go into the artifact's provenance
     atomic_write_text(os.path.join(ctx.stage_dir("prune"), "kept_channels.json"),
                       json.dumps(result.model.slimkit_prune, indent=1))
+    return result.model
+
+
+@register_stage("prune_blocks")
+def prune_blocks_stage(model: nn.Module, ctx: Context, target_macs: float | None = None, count: int | None = None,
+                       batches: int = 4, greedy: bool = True, protected: list[str] | None = None) -> nn.Module:
+    """Recipe stage: remove whole residual blocks (depth pruning; Veit et al., NeurIPS 2016).
+
+    Options as :func:`slimkit.prune.depth.prune_blocks`; the blocks are scored on ``batches``
+    batches of the validation split (:func:`held_out_loader`). ``target_macs`` is a fraction of
+    this stage's input model. The removed blocks and their scores go into the stage's provenance
+    and ``removed_blocks.json`` in the stage folder. Follow it with a ``prune`` stage to thin
+    the remaining layers too.
+    """
+    import json
+    import os
+
+    import torch
+
+    from ..artifact import atomic_write_text
+
+    x = torch.zeros(1, *ctx.data.info.input_size, device=ctx.device)
+    result = prune_blocks(model, x, held_out_loader(ctx.data, ctx.batch_size, ctx.seed), target_macs=target_macs,
+                          count=count, batches=batches, greedy=greedy, protected=tuple(protected or ()),
+                          device=ctx.device, inplace=True)
+    ctx.details.update(result.summary())
+    atomic_write_text(os.path.join(ctx.stage_dir("prune_blocks"), "removed_blocks.json"),
+                      json.dumps(result.summary(), indent=1))
     return result.model

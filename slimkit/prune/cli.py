@@ -1,4 +1,4 @@
-"""``slimkit prune``: structured channel pruning with measured parameters, MACs, accuracy and speed.
+"""``slimkit prune``: structured channel (and residual-block) pruning with measured parameters, MACs, accuracy and speed.
 
 Wired into ``slimkit/cli.py`` through its ``PLUGIN_COMMANDS`` table, which also adds ``--json`` and ``--threads``.
 """
@@ -33,6 +33,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="per-group ratios from a sensitivity scan on the validation split (Li et al. 2017): "
                              "with --target-macs, the smallest accuracy-drop threshold that meets it; with "
                              "--max-drop D, that threshold (needs --data)")
+    parser.add_argument("--blocks", type=float,
+                        help="depth pruning first: remove whole residual blocks until the MACs are at most this "
+                             "fraction of the original (scored on the validation split; needs --data). Alone it is "
+                             "the whole policy; with a lower --target-macs the channels of what is left are pruned "
+                             "to that fraction of the original")
+    parser.add_argument("--block-batches", type=int, default=4,
+                        help="with --blocks: validation batches each block is scored on (default 4)")
     parser.add_argument("--max-drop", type=float, help="with --sensitivity: top-1 drop allowed per group (0.02)")
     parser.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is timed at")
     parser.add_argument("--tie-shortcuts", action="store_true",
@@ -66,7 +73,8 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def cli_prune(args: argparse.Namespace) -> dict:
     """Prune a model's channels (criteria of Li et al. 2017, Molchanov et al. 2019, Liu et al. 2017, Wen et al. 2016,
-    Luo et al. 2017, He et al. 2017, Zhuang et al. 2018), write ``OUT``.
+    Luo et al. 2017, He et al. 2017, Zhuang et al. 2018) and/or whole residual blocks (``--blocks``, scored as in
+    Veit et al. 2016), write ``OUT``.
 
     Returns parameters and MACs before/after (profiler), test top-1 before/after when
     ``--data`` is given (after the optional fine-tuning), the kept channel indices (also in
@@ -94,18 +102,29 @@ def cli_prune(args: argparse.Namespace) -> dict:
         raise SlimkitError("prune: --sensitivity takes exactly one of --target-macs and --max-drop")
     if args.max_drop is not None and not args.sensitivity:
         raise SlimkitError("prune: --max-drop goes with --sensitivity")
-    if (args.target_macs is None and args.target_params is None and args.ratio is None and args.target_latency is None
-            and not args.sensitivity):
-        raise SlimkitError("prune: give --target-macs, --target-params, --target-latency, --ratio or --sensitivity")
+    blocks = args.blocks
+    if blocks is not None and not 0 < blocks <= 1:
+        raise SlimkitError(f"prune: --blocks is a fraction of the original MACs in (0, 1], got {blocks}")
+    if blocks is not None and (args.target_params is not None or args.target_latency is not None):
+        raise SlimkitError("prune: --blocks combines with --target-macs, --ratio or --sensitivity only")
+    if blocks is not None and args.target_macs is not None and args.target_macs >= blocks:
+        raise SlimkitError(f"prune: --target-macs {args.target_macs} is not below --blocks {blocks}: "
+                           "the channels would have nothing left to remove (use --blocks alone)")
+    channels = (args.target_macs is not None or args.target_params is not None or args.ratio is not None
+                or args.target_latency is not None or args.sensitivity)
+    if not channels and blocks is None:
+        raise SlimkitError("prune: give --target-macs, --target-params, --target-latency, --ratio, --sensitivity "
+                           "or --blocks")
     data = None
     if args.data:
         from ..data import load
 
         data = load(args.data, limit=args.limit, seed=args.seed)
-    needs_data = args.criterion in DATA_CRITERIA or mode or args.finetune_epochs or args.sensitivity
+    needs_data = args.criterion in DATA_CRITERIA or mode or args.finetune_epochs or args.sensitivity or blocks
     if needs_data and data is None:
         what = (f"--criterion {args.criterion}" if args.criterion in DATA_CRITERIA
-                else f"--reconstruct {mode}" if mode else "--sensitivity" if args.sensitivity else "--finetune-epochs")
+                else f"--reconstruct {mode}" if mode else "--sensitivity" if args.sensitivity
+                else "--blocks" if blocks else "--finetune-epochs")
         raise SlimkitError(f"prune: --data is needed for {what}")
     num_classes = None if is_artifact_path(args.model) else (
         args.num_classes or (data.info.num_classes if data else None))
@@ -143,51 +162,72 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     protect = [n for n in args.protect.split(",") if n]
-    target_macs, ratios, scan = args.target_macs, None, None
-    if args.sensitivity:
+    start, depth = model, None
+    if blocks is not None:
+        from .depth import prune_blocks
+        from .sensitivity import held_out_loader
+
+        depth = prune_blocks(model, example, held_out_loader(data, args.batch_size, args.seed), target_macs=blocks,
+                             batches=args.block_batches, protected=protect)
+        start = depth.model
+        log(f"removed {len(depth.removed)} blocks: {', '.join(depth.removed)} "
+            f"({depth.macs_after / depth.macs_before:.3f}x MACs)")
+    # a channel target is a fraction of the original model, so it is rescaled for what the blocks left
+    scale = depth.macs_before / depth.macs_after if depth else 1.0
+    target_macs, ratios, scan = (args.target_macs * scale if args.target_macs is not None else None), None, None
+    if channels and args.sensitivity:
         from .sensitivity import held_out_loader, sensitivity_ratios
 
-        ratios, scan = sensitivity_ratios(model, example, held_out_loader(data, args.batch_size, args.seed),
-                                          criterion=args.criterion, target_macs=args.target_macs,
+        ratios, scan = sensitivity_ratios(start, example, held_out_loader(data, args.batch_size, args.seed),
+                                          criterion=args.criterion, target_macs=target_macs,
                                           max_drop=args.max_drop, batches=args.batches, round_to=args.round_to,
                                           rounding=args.rounding, untie_shortcuts=not args.tie_shortcuts,
                                           **{k: v for k, v in kwargs.items() if k != "batches"})
         target_macs = None
         log(f"sensitivity scan: ratios {ratios}")
-    result = prune(model, example, criterion=args.criterion, target_macs=target_macs, ratios=ratios,
+    result = prune(start, example, criterion=args.criterion, target_macs=target_macs, ratios=ratios,
                    target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
                    steps=args.steps, finetune=finetune, target_latency=args.target_latency,
                    latency_batch=args.latency_batch, reconstruct=mode or False,
-                   untie_shortcuts=not args.tie_shortcuts, rounding=args.rounding, **kwargs)
-    pruned = result.model  # reconstructed (if asked) before fine-tuning: the better start (He et al. 2017)
-    reconstruction = result.reconstruction["layers"] if result.reconstruction else None
+                   untie_shortcuts=not args.tie_shortcuts, rounding=args.rounding,
+                   **kwargs) if channels else None
+    pruned = result.model if result else depth.model  # reconstructed (if asked) before fine-tuning (He et al. 2017)
+    reconstruction = result.reconstruction["layers"] if result and result.reconstruction else None
     if args.finetune_epochs:
         finetune(pruned, args.steps)
     pruned.eval()
     seconds = time.perf_counter() - t0
     after = evaluate(pruned, test_loader) if data else None
 
-    params = {"criterion": args.criterion, "target_macs": args.target_macs, "target_params": args.target_params,
+    params = {"criterion": args.criterion if channels else None, "blocks": blocks, "target_macs": args.target_macs,
+              "target_params": args.target_params,
               "target_latency": args.target_latency, "latency_batch": args.latency_batch,
               "untie_shortcuts": not args.tie_shortcuts, "rounding": args.rounding, "sensitivity": args.sensitivity,
               "max_drop": args.max_drop, "ratios": ratios,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
               "finetune_epochs": args.finetune_epochs, "distill": args.distill, "reconstruct": mode}
-    summary = result.summary()
-    metrics = {k: summary[k] for k in ("params_after", "macs_after")}
+    first, last = (depth or result), (result or depth)  # counts: the original model before, the final one after
+    counts = {"params_before": first.params_before, "params_after": last.params_after,
+              "macs_before": first.macs_before, "macs_after": last.macs_after,
+              "macs_ratio": last.macs_after / max(first.macs_before, 1),
+              "params_ratio": last.params_after / max(first.params_before, 1)}
+    kept = result.kept if result else {}
+    removed = depth.removed if depth else []
+    metrics = {k: counts[k] for k in ("params_after", "macs_after")}
     if after:
         metrics["test_top1"] = after["top1"]
-    history(pruned).append({"stage": "prune", "params": params, "metrics": metrics, "kept": result.kept})
-    meta = {"input_size": list(input_size), "prune": {"params": params, "kept": result.kept}}
+    history(pruned).append({"stage": "prune", "params": params, "metrics": metrics, "kept": kept,
+                            "removed_blocks": removed})
+    meta = {"input_size": list(input_size), "prune": {"params": params, "kept": kept, "removed_blocks": removed}}
     if data:
         meta.update({"dataset": args.data, "classes": list(data.info.classes)})
     path = save(pruned, os.path.join(args.out, "model.safetensors"), meta=meta)
-    out = {"artifact": path, "model": args.model, "criterion": args.criterion, "prune_seconds": seconds,
-           "params_before": result.params_before, "params_after": result.params_after,
-           "macs_before": result.macs_before, "macs_after": result.macs_after,
-           "macs_ratio": summary["macs_ratio"], "params_ratio": summary["params_ratio"],
-           "latency_ratio": result.latency_ratio,
-           "warnings": result.warnings, "unprunable": result.unprunable, "kept": result.kept}
+    out = {"artifact": path, "model": args.model, "criterion": params["criterion"], "prune_seconds": seconds,
+           **counts, "latency_ratio": result.latency_ratio if result else None,
+           "warnings": result.warnings if result else [], "unprunable": result.unprunable if result else [],
+           "kept": kept, "removed_blocks": removed}
+    if depth:
+        out["block_scores"] = depth.scores
     if reconstruction is not None:
         out["reconstruction"] = reconstruction
     if scan is not None:
@@ -205,8 +245,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
                                       "speedup": 1 / cmp.ratio("eager", bs)} for bs in (1, 64)}
         out["bench_threads"] = cmp.threads
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(out, indent=2, default=str))
-    msg = (f"params {result.params_before:,} -> {result.params_after:,}; MACs {result.macs_before:,} -> "
-           f"{result.macs_after:,} ({summary['macs_ratio']:.3f}x)")
+    msg = (f"params {counts['params_before']:,} -> {counts['params_after']:,}; MACs {counts['macs_before']:,} -> "
+           f"{counts['macs_after']:,} ({counts['macs_ratio']:.3f}x)")
     if data:
         msg += f"; test top1 {before['top1']:.4f} -> {after['top1']:.4f}"
     if "latency" in out:
