@@ -50,6 +50,8 @@ variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh
         --per-model "resnet20=group_l1,l1,random,torch-pruning-l1"   # fewer variants for resnet20
     python benchmarks/prune.py --models resnet56 --epochs 1 --threads 1 \
         --variants "group_l1,group_l1:kd,torch-pruning-l1,torch-pruning-l1:kd"
+    python benchmarks/prune.py --models resnet56 --epochs 5 --threads 1 --train-threads 2 \
+        --out runs/prune-bench-5ep --variants "blocks:kd,torch-pruning-l1:kd"   # depth pruning vs Torch-Pruning
     python benchmarks/prune.py --limit 500 --epochs 1 --out /tmp/prune-smoke --repeats 3   # smoke
 """
 
@@ -282,6 +284,7 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
             fit(pruned, loader, **train)
         torch.set_num_threads(args.threads)
     info["finetune_min"] = (time.perf_counter() - t1) / 60
+    info["train_threads"] = args.train_threads or args.threads
     info["top1_after_ft"] = evaluate(pruned, test)["top1"]
     info["delta_vs_base"] = info["top1_after_ft"] - base_top1
     log(f"{name} {variant}: top-1 after {args.epochs} epoch(s) {pct(info['top1_after_ft'])} "
@@ -401,8 +404,7 @@ def main() -> None:
             f"**{budget}** (`slimkit.train.fit`). Top-1 on the {n_test:,}-image CIFAR-10 (JPEG) test split. "
             "Params/MACs from `slimkit.profile`. Speed-up = original latency / pruned latency from "
             f"`slimkit.bench.compare` (interleaved A/B, {args.repeats} pairs, median of per-pair ratios, p10-p90 in "
-            f"brackets), {args.threads} thread, CPU (fine-tunes ran with {args.train_threads or args.threads} "
-            "thread(s); that changes their minutes, not what they compute). `slimming` scores the BN scales of the adapted model as they "
+            f"brackets), {args.threads} thread, CPU. `slimming` scores the BN scales of the adapted model as they "
             "are, without Liu et al.'s sparsity pre-training. `random` is the control. Torch-Pruning: "
             "`MetaPruner(MagnitudeImportance(p=1), global_pruning=True, round_to=8, ignored_layers=[linear])`, its "
             "`pruning_ratio` bisected (12 steps) to the smallest value whose profiled MACs meet the same target; its "
@@ -414,6 +416,12 @@ def main() -> None:
         dates.setdefault(i.get("computed", "?"), []).append(i["variant"])
     if len(dates) > 1:  # cached rows from earlier runs: same code path and budget, other day
         body += "\n\nRows computed on: " + "; ".join(f"{d}: {', '.join(v)}" for d, v in sorted(dates.items())) + "."
+    # rows cached before --train-threads existed fine-tuned with --threads, which was 1 in every recorded command
+    threads: dict[int, list[str]] = {}
+    for i in infos:
+        threads.setdefault(i.get("train_threads", 1), []).append(f"{i['model']} {i['variant']}")
+    body += ("\n\nFine-tune threads (they change the minutes, not the method): "
+             + "; ".join(f"{t}: {', '.join(v)}" for t, v in sorted(threads.items())) + ".")
     seen = set()
     for i in infos:
         if i["variant"].split(":")[0] == "torch-pruning-l1" and i["model"] not in seen:  # one search per model
