@@ -179,22 +179,6 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block], inplace: bool = Fal
     return m
 
 
-def _batches(loader: Iterable, n: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        out.append((batch[0].to(device), batch[1].to(device)))
-    if not out:
-        raise SlimkitError("prune_blocks: the loader gave no batches to score the blocks on")
-    return out
-
-
-@torch.no_grad()
-def _loss(model: nn.Module, data: list) -> float:
-    return sum(F.cross_entropy(model(x), y).item() for x, y in data) / len(data)
-
-
 def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable, *, target_macs: float | None = None,
                  count: int | None = None, batches: int = 4, greedy: bool = True, protected: Iterable[str] = (),
                  device: str | torch.device = "cpu", inplace: bool = False) -> DepthResult:
@@ -208,6 +192,11 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
     target cannot be met by removing every candidate.
     """
     from ..profile import profile
+    from ..train import evaluate
+    from .sensitivity import first_batches
+
+    def loss(m: nn.Module) -> float:
+        return evaluate(m, data, device=device)["loss"]
 
     if (target_macs is None) == (count is None):
         raise SlimkitError("prune_blocks: give exactly one of target_macs (a fraction of the MACs) or count")
@@ -230,21 +219,24 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
     was_training = model.training
     work = model if inplace else copy.deepcopy(model)
     work.eval()
-    data = _batches(loader, batches, device)
+    data = first_batches(loader, batches, "prune_blocks")
     removed: list[Block] = []
     scores: dict[str, float] = {}
     macs = base.macs
-    ranking: list[tuple[float, Block]] | None = None
+    ranking: list[tuple[float, float, Block]] | None = None
+    ref = loss(work)
     while (budget is not None and macs > budget) or (count is not None and len(removed) < count):
         left = [b for b in candidates if not any(_inside(b.name, r.name) or _inside(r.name, b.name) for r in removed)]
         if not left:
             break
         if greedy or ranking is None:
-            ref = _loss(work, data)
+            probes = [(loss(remove_blocks(work, [b])), b) for b in left]
             # loss rise per share of the MACs saved: a cheap block must be much less useful to go first
-            ranking = sorted([((_loss(remove_blocks(work, [b]), data) - ref) / max(b.macs / base.macs, 1e-12), b)
-                              for b in left], key=lambda t: t[0])
-        score, pick = next((s, b) for s, b in ranking if b in left)
+            ranking = sorted([((v - ref) / max(b.macs / base.macs, 1e-12), v, b) for v, b in probes],
+                             key=lambda t: t[0])
+        score, probed, pick = next(t for t in ranking if t[2] in left)
+        if greedy:  # the probe was this very model: its loss is the next reference
+            ref = probed
         remove_blocks(work, [pick], inplace=True)
         removed.append(pick)
         scores[pick.name] = float(score)

@@ -117,6 +117,14 @@ def held_out_loader(data, batch_size: int, seed: int = 0):
     return data.loader(split, batch_size, shuffle=True, augment=False, seed=seed)
 
 
+def first_batches(loader: Iterable, n: int, what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` ``(input, label)`` batches of ``loader``, kept so every probe sees the same images."""
+    data = [(batch[0], batch[1]) for _, batch in zip(range(n), loader)]
+    if not data:
+        raise SlimkitError(f"{what}: the evaluation loader gave no batches")
+    return data
+
+
 def sensitivity_scan(model: nn.Module, example_input: torch.Tensor, loader: Iterable, *, criterion: str = "l1",
                      steps: Sequence[float] = (0.25, 0.5, 0.75), batches: int = 4, round_to: int = 1,
                      rounding: str = "floor", protected: Sequence[str] = (), untie_shortcuts: bool = True,
@@ -134,13 +142,7 @@ def sensitivity_scan(model: nn.Module, example_input: torch.Tensor, loader: Iter
     steps = tuple(float(s) for s in steps)
     if not steps or any(not 0 < s < 1 for s in steps):
         raise SlimkitError(f"sensitivity: steps are fractions of channels in (0, 1), got {list(steps)!r}")
-    data = []
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        data.append((batch[0], batch[1]))
-    if not data:
-        raise SlimkitError("sensitivity: the evaluation loader gave no batches")
+    data = first_batches(loader, batches, "sensitivity")
     model = copy.deepcopy(model).to(device).eval()
     graph = build_graph(model, example_input.to(device), tuple(protected), untie_shortcuts)
     scores = compute_importance(criterion, model, graph, **criterion_kwargs)
