@@ -79,6 +79,7 @@ from slimkit.distill import distill_terms  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
 from slimkit.prune import (DATA_CRITERIA, held_out_loader, prune, prune_blocks, sensitivity_ratios,  # noqa: E402
                            sparsity_term)
+from slimkit.prune.depth import SCORINGS  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
 
 CRITERIA = ("l1", "l2", "group_l1", "taylor", "slimming", "thinet", "lasso", "dcp", "random")
@@ -219,9 +220,10 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     start, scale = base, 1.0
     if method == "blocks" or depth_macs:  # whole residual blocks first, scored on held-out batches
         r = prune_blocks(base, x, held_out_loader(data, args.batch_size, args.seed), batches=args.block_batches,
-                         target_macs=depth_macs or args.target_macs)
+                         target_macs=depth_macs or args.target_macs, scoring=args.block_scoring)
         start, scale = r.model, r.macs_before / r.macs_after  # channel targets stay fractions of the original
         info["removed_blocks"], info["block_scores"] = r.removed, r.scores
+        info["block_scoring"], info["block_probes"] = args.block_scoring, r.probes
         log(f"{name} {variant}: removed {len(r.removed)} blocks {r.removed}")
     if method == "none":  # the control: the unpruned model through the same fine-tune
         pruned = copy.deepcopy(base)
@@ -326,6 +328,8 @@ def row(info: dict, modes: list[str]) -> list:
         if method == "blocks" else \
         f"slimkit `{method}`" + notes.get(method, "") + (", stages untied" if "untied" in flags else ", stages tied") \
         + (", widths rounded up (ceil)" if "ceil" in flags else "")
+    if info.get("block_scoring", "greedy") != "greedy":
+        label += f" ({info['block_scoring']} block scoring)"
     label += ", KD fine-tune" if "kd" in flags else ""
     label += ", target_latency=1/1.7 (bs1) instead of MACs" if "fast" in flags else ""
     label += (f", after 1 epoch of its sparsity training (strength {info.get('sparsity_strength')})"
@@ -355,6 +359,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="training batches for the taylor criterion")
     p.add_argument("--block-batches", type=int, default=4,
                    help="validation batches that score each residual block (blocks, :depthNN variants)")
+    p.add_argument("--block-scoring", default="greedy", choices=SCORINGS,
+                   help="how prune_blocks re-scores after each removal (blocks, :depthNN variants)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for everything but the fine-tune")
     p.add_argument("--train-threads", type=int, help="torch threads for the fine-tune (default: --threads); "
                                                         "accuracy does not depend on it, only the minutes")

@@ -116,17 +116,19 @@ def _known_case():
     return model, dead, [(x[:32], y[:32]), (x[32:], y[32:])]
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_dead_blocks_go_first(greedy):
+@pytest.mark.parametrize("scoring,probes", [("greedy", 6 + 5 + 4), ("lazy", 6 + 1 + 1), ("once", 6)])
+def test_dead_blocks_go_first(scoring, probes):
     model, dead, data = _known_case()
-    r = prune_blocks(model, X1, data, count=3, batches=2, greedy=greedy)
+    r = prune_blocks(model, X1, data, count=3, batches=2, scoring=scoring)
     assert sorted(r.removed) == dead
+    # lazy: after the full first round only the front is re-probed, and a dead block stays at the front
+    assert r.probes == r.summary()["probes"] == probes
     assert all(r.scores[b] == 0.0 for b in dead)  # bit-identical outputs: the loss does not move
     with torch.no_grad():
         torch.testing.assert_close(r.model(data[0][0]), model(data[0][0]))
     assert (r.macs_before, r.macs_after) == (6 * 4 + 4, 3 * 4 + 4)
     assert profile(model, X1).macs == r.macs_before  # the input model is left as it was
-    live = prune_blocks(model, X1, data, count=6, batches=2, greedy=False).scores
+    live = prune_blocks(model, X1, data, count=6, batches=2, scoring="once").scores
     assert min(v for k, v in live.items() if k not in dead) > 1.0
 
 
@@ -156,6 +158,8 @@ def test_errors_name_the_problem():
         prune_blocks(create_model("digits_cnn"), torch.zeros(1, 1, 8, 8), data, count=1)
     with pytest.raises(SlimkitError, match="no batches"):
         prune_blocks(model, X1, [], count=1)
+    with pytest.raises(SlimkitError, match="scoring must be one of greedy, lazy, once, got 'fast'"):
+        prune_blocks(model, X1, data, count=1, scoring="fast")
     r = prune_blocks(model, X1, data, count=2, protected=["blocks.1", "blocks.3"])
     assert r.removed == ["blocks.4", r.removed[1]] and r.removed[1] not in ("blocks.1", "blocks.3")
 
@@ -186,7 +190,7 @@ def test_cli_blocks_then_channels_and_stage(tmp_path):
     src.write_text(textwrap.dedent(_RES_DIGITS))
     spec = f"{src}:build"
     out = run_cli("prune", spec, "--data", "digits", "--limit", "200", "--blocks", "0.8", "--out",
-                  str(tmp_path / "depth"), "--no-bench")
+                  str(tmp_path / "depth"), "--no-bench", "--block-scoring", "lazy")
     assert len(out["removed_blocks"]) == 1 and out["kept"] == {}
     assert out["macs_after"] <= 0.8 * out["macs_before"]
     both = run_cli("prune", spec, "--data", "digits", "--limit", "200", "--blocks", "0.8", "--target-macs", "0.5",
@@ -204,7 +208,7 @@ def test_cli_blocks_then_channels_and_stage(tmp_path):
     from slimkit.pipeline import run_recipe
 
     report = run_recipe({"model": spec, "data": "digits", "progress": False, "limit": 200,
-                         "stages": [{"method": "prune_blocks", "count": 2, "batches": 1}]},
+                         "stages": [{"method": "prune_blocks", "count": 2, "batches": 1, "scoring": "once"}]},
                         str(tmp_path / "stage"), log=lambda _: None)
     before, after = report["steps"][0]["metrics"]["macs"], report["steps"][1]["metrics"]["macs"]
     assert after == before - 2 * 16 * 16 * 9 * 64

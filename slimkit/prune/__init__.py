@@ -117,7 +117,7 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
 
 @register_stage("prune_blocks")
 def prune_blocks_stage(model: nn.Module, ctx: Context, target_macs: float | None = None, count: int | None = None,
-                       batches: int = 4, greedy: bool = True, protected: list[str] | None = None) -> nn.Module:
+                       batches: int = 4, scoring: str = "greedy", protected: list[str] | None = None) -> nn.Module:
     """Recipe stage: remove whole residual blocks (depth pruning; Veit et al., NeurIPS 2016).
 
     Options as :func:`slimkit.prune.depth.prune_blocks`; the blocks are scored on ``batches``
@@ -135,7 +135,7 @@ def prune_blocks_stage(model: nn.Module, ctx: Context, target_macs: float | None
 
     x = torch.zeros(1, *ctx.data.info.input_size, device=ctx.device)
     result = prune_blocks(model, x, held_out_loader(ctx.data, ctx.batch_size, ctx.seed), target_macs=target_macs,
-                          count=count, batches=batches, greedy=greedy, protected=tuple(protected or ()),
+                          count=count, batches=batches, scoring=scoring, protected=tuple(protected or ()),
                           device=ctx.device, inplace=True)
     ctx.details.update(result.summary())
     atomic_write_text(os.path.join(ctx.stage_dir("prune_blocks"), "removed_blocks.json"),

@@ -17,6 +17,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of ``slimkit prune MODEL [--weights W] --criterion NAME --target-macs F ...``.
 
     """
+    from .depth import SCORINGS
     from .importance import CRITERIA
 
     parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
@@ -40,6 +41,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "to that fraction of the original")
     parser.add_argument("--block-batches", type=int, default=4,
                         help="with --blocks: validation batches each block is scored on (default 4)")
+    parser.add_argument("--block-scoring", choices=SCORINGS, default="greedy",
+                        help="with --blocks: re-score every block after each removal (greedy), only the front of "
+                             "the ranking (lazy: same picks when removals only make others costlier, fewer probes) "
+                             "or rank once")
     parser.add_argument("--max-drop", type=float, help="with --sensitivity: top-1 drop allowed per group (0.02)")
     parser.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is timed at")
     parser.add_argument("--tie-shortcuts", action="store_true",
@@ -168,7 +173,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
         from .sensitivity import held_out_loader
 
         depth = prune_blocks(model, example, held_out_loader(data, args.batch_size, args.seed), target_macs=blocks,
-                             batches=args.block_batches, protected=protect)
+                             batches=args.block_batches, scoring=args.block_scoring, protected=protect)
         start = depth.model
         log(f"removed {len(depth.removed)} blocks: {', '.join(depth.removed)} "
             f"({depth.macs_after / depth.macs_before:.3f}x MACs)")
@@ -227,7 +232,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
            "warnings": result.warnings if result else [], "unprunable": result.unprunable if result else [],
            "kept": kept, "removed_blocks": removed}
     if depth:
-        out["block_scores"] = depth.scores
+        out["block_scores"], out["block_probes"] = depth.scores, depth.probes
     if reconstruction is not None:
         out["reconstruction"] = reconstruction
     if scan is not None:

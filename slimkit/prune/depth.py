@@ -17,9 +17,9 @@ replaced by ``act`` (``nn.ReLU()``) or by ``nn.Identity()``, which is exact for 
 
 Which blocks go: each candidate is bypassed on its own on held-out batches and scored by the
 rise of the cross-entropy, divided by the share of the model's MACs it holds (loss per MAC
-saved); the lowest goes, and with ``greedy=True`` the rest are re-scored on the thinned model
-before the next one goes (Veit et al.'s single-block deletions, taken greedily), until the MAC
-target is met.
+saved); the lowest goes, and the rest are re-scored on the thinned model before the next one
+goes (Veit et al.'s single-block deletions, taken greedily), until the MAC target is met.
+``scoring="lazy"`` re-scores only the front of the ranking (lazy greedy), ``"once"`` never.
 
     r = prune_blocks(model, x, data.loader("val", 256), target_macs=0.5)
     r.model, r.removed, r.summary()
@@ -43,6 +43,7 @@ __all__ = ["Block", "DepthResult", "find_blocks", "prune_blocks", "remove_blocks
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu}
+SCORINGS = ("greedy", "lazy", "once")
 
 
 @dataclass
@@ -66,11 +67,12 @@ class DepthResult:
     macs_before: int
     macs_after: int
     candidates: list[str] = field(default_factory=list)
+    probes: int = 0
 
     def summary(self) -> dict:
         """JSON-ready counts, the removed blocks and their scores."""
         return {"removed_blocks": list(self.removed), "block_scores": dict(self.scores),
-                "candidate_blocks": list(self.candidates),
+                "candidate_blocks": list(self.candidates), "probes": self.probes,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "macs_ratio": self.macs_after / max(self.macs_before, 1),
@@ -180,16 +182,19 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block], inplace: bool = Fal
 
 
 def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable, *, target_macs: float | None = None,
-                 count: int | None = None, batches: int = 4, greedy: bool = True, protected: Iterable[str] = (),
+                 count: int | None = None, batches: int = 4, scoring: str = "greedy", protected: Iterable[str] = (),
                  device: str | torch.device = "cpu", inplace: bool = False) -> DepthResult:
     """Remove the residual blocks whose loss on held-out data rises least per MAC saved (Veit et al., NeurIPS 2016).
 
     Stops once the profiled MACs are at most ``target_macs`` of the original, or after ``count``
     blocks (one of the two is required). ``loader`` yields ``(input, label)`` batches of
     held-out data (use the validation split); the first ``batches`` of them score every probe.
-    ``greedy`` re-scores the remaining blocks after each removal (``n`` probes per removal
-    instead of ``n`` in all). Blocks named in ``protected`` (or inside one) stay. Raises if the
-    target cannot be met by removing every candidate.
+    ``scoring``: ``"greedy"`` re-scores every remaining block after each removal (``n`` probes
+    per removal); ``"lazy"`` gives the same picks when removing a block never makes another one
+    cheaper to remove, at a fraction of the probes (Minoux's lazy greedy, as in CELF: an old
+    score is a lower bound, so only the front of the ranking is re-probed); ``"once"`` ranks
+    once on the input model (``n`` probes in all). Blocks named in ``protected`` (or inside one)
+    stay. Raises if the target cannot be met by removing every candidate.
     """
     from ..profile import profile
     from ..train import evaluate
@@ -198,6 +203,8 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
     def loss(m: nn.Module) -> float:
         return evaluate(m, data, device=device)["loss"]
 
+    if scoring not in SCORINGS:
+        raise SlimkitError(f"prune_blocks: scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
     if (target_macs is None) == (count is None):
         raise SlimkitError("prune_blocks: give exactly one of target_macs (a fraction of the MACs) or count")
     if target_macs is not None and not 0 < target_macs <= 1:
@@ -223,20 +230,32 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
     removed: list[Block] = []
     scores: dict[str, float] = {}
     macs = base.macs
-    ranking: list[tuple[float, float, Block]] | None = None
     ref = loss(work)
+    probes = 0
+
+    def probe(b: Block) -> tuple[float, float, Block]:
+        nonlocal probes
+        probes += 1
+        v = loss(remove_blocks(work, [b]))
+        # loss rise per share of the MACs saved: a cheap block must be much less useful to go first
+        return (v - ref) / max(b.macs / base.macs, 1e-12), v, b
+
+    ranking: list[tuple[float, float, Block]] = []
     while (budget is not None and macs > budget) or (count is not None and len(removed) < count):
         left = [b for b in candidates if not any(_inside(b.name, r.name) or _inside(r.name, b.name) for r in removed)]
         if not left:
             break
-        if greedy or ranking is None:
-            probes = [(loss(remove_blocks(work, [b])), b) for b in left]
-            # loss rise per share of the MACs saved: a cheap block must be much less useful to go first
-            ranking = sorted([((v - ref) / max(b.macs / base.macs, 1e-12), v, b) for v, b in probes],
-                             key=lambda t: t[0])
-        score, probed, pick = next(t for t in ranking if t[2] in left)
-        if greedy:  # the probe was this very model: its loss is the next reference
-            ref = probed
+        if not ranking or scoring == "greedy":
+            ranking = [probe(b) for b in left]
+            fresh = {b.name for b in left}
+        ranking = sorted((t for t in ranking if t[2] in left), key=lambda t: t[0])
+        while scoring == "lazy" and ranking[0][2].name not in fresh:
+            ranking[0] = probe(ranking[0][2])  # a stale score is re-probed until the front is fresh
+            fresh.add(ranking[0][2].name)
+            ranking.sort(key=lambda t: t[0])
+        score, probed, pick = ranking[0]
+        if scoring != "once":  # the probe was this very model: its loss is the next reference
+            ref, fresh = probed, set()
         remove_blocks(work, [pick], inplace=True)
         removed.append(pick)
         scores[pick.name] = float(score)
@@ -244,7 +263,7 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
     work.train(was_training)
     after = profile(work, example_input)
     return DepthResult(work, [b.name for b in removed], scores, base.params, after.params, base.macs, after.macs,
-                       [b.name for b in candidates])
+                       [b.name for b in candidates], probes)
 
 
 def _inside(inner: str, outer: str) -> bool:
