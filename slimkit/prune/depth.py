@@ -240,14 +240,14 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
         # loss rise per share of the MACs saved: a cheap block must be much less useful to go first
         return (v - ref) / max(b.macs / base.macs, 1e-12), v, b
 
-    ranking: list[tuple[float, float, Block]] = []
+    ranking: list[tuple[float, float, Block]] = []  # (score, loss without the block, block)
+    fresh: set[str] = set()  # the blocks whose score was probed on the current model
     while (budget is not None and macs > budget) or (count is not None and len(removed) < count):
         left = [b for b in candidates if not any(_inside(b.name, r.name) or _inside(r.name, b.name) for r in removed)]
         if not left:
             break
         if not ranking or scoring == "greedy":
-            ranking = [probe(b) for b in left]
-            fresh = {b.name for b in left}
+            ranking, fresh = [probe(b) for b in left], {b.name for b in left}
         ranking = sorted((t for t in ranking if t[2] in left), key=lambda t: t[0])
         while scoring == "lazy" and ranking[0][2].name not in fresh:
             ranking[0] = probe(ranking[0][2])  # a stale score is re-probed until the front is fresh
