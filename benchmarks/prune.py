@@ -25,7 +25,11 @@ stage's trunk on its own, the library's default); without it the benchmark passe
 ``kd`` fine-tunes with Hinton et al.'s distillation from the unpruned model (T=4, alpha 0.9 as
 ``slimkit.distill``'s defaults) instead of plain cross-entropy -- same epochs, lr and schedule;
 ``fast`` replaces the MAC target by the speed goal itself, ``target_latency=1/1.7`` measured at
-batch 1 on this machine (the MACs then land where they land, below the target).
+batch 1 on this machine (the MACs then land where they land, below the target);
+``lut`` keeps the MAC target and adds a latency target of ``1/--lut-speedup`` of the unpruned
+model at batch 1 *and* 64, planned from a measured per-layer latency table
+(``latency_model="table"``, :mod:`slimkit.prune.latency`: chunks go where the least importance
+is lost per unit of latency saved), so widths that cost time on this CPU go first.
 Torch-Pruning's row takes ``:kd`` too (its pruned model through the same distilling fine-tune).
 ``sparse`` first trains the baseline one epoch with the criterion's sparsity term
 (``slimkit.prune.sparsity_term``: SSL's group lasso for ``ssl``, Network Slimming's L1 on BN
@@ -52,6 +56,9 @@ variant is cached as ``--out/MODEL-VARIANT.json`` (rerunning skips it; ``--fresh
         --variants "group_l1,group_l1:kd,torch-pruning-l1,torch-pruning-l1:kd"
     python benchmarks/prune.py --models resnet56 --epochs 5 --threads 1 --train-threads 2 \
         --out runs/prune-bench-5ep --variants "blocks:kd,torch-pruning-l1:kd"   # depth pruning vs Torch-Pruning
+    python benchmarks/prune.py --models resnet56,resnet20 --epochs 20 --threads 1 --train-threads 2 \
+        --out runs/prune-bench-20ep \
+        --per-model "resnet56=blocks:kd;resnet20=group_l1:untied:kd,group_l1:untied:depth78:lut:kd,none"
     python benchmarks/prune.py --limit 500 --epochs 1 --out /tmp/prune-smoke --repeats 3   # smoke
 """
 
@@ -208,15 +215,15 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     info: dict = {"model": name, "variant": variant}
     method, *flags = variant.split(":")
     depth = [f for f in flags if f.startswith("depth")]
-    unknown = set(flags) - {"untied", "ceil", "kd", "fast", "sparse", "sens"} - set(depth)
+    unknown = set(flags) - {"untied", "ceil", "kd", "fast", "lut", "sparse", "sens"} - set(depth)
     if unknown or len(depth) > 1 or (depth and not depth[0][5:].isdigit()):
         raise SystemExit(f"variant {variant!r}: unknown flag(s) {', '.join(sorted(unknown or depth))} "
-                         "(untied, ceil, kd, fast, sparse, sens, depthNN)")
+                         "(untied, ceil, kd, fast, lut, sparse, sens, depthNN)")
     depth_macs = int(depth[0][5:]) / 100 if depth else None
     if depth_macs is not None and not args.target_macs < depth_macs <= 1:
         raise SystemExit(f"variant {variant!r}: depthNN keeps NN% of the MACs, above --target-macs")
-    if "fast" in flags and method == "torch-pruning-l1":
-        raise SystemExit("variant :fast needs slimkit's measured-latency target; Torch-Pruning has none")
+    if {"fast", "lut"} & set(flags) and method == "torch-pruning-l1":
+        raise SystemExit("variants :fast and :lut need slimkit's latency targets; Torch-Pruning has none")
     start, scale = base, 1.0
     if method == "blocks" or depth_macs:  # whole residual blocks first, scored on held-out batches
         r = prune_blocks(base, x, held_out_loader(data, args.batch_size, args.seed), batches=args.block_batches,
@@ -250,6 +257,10 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
             kwargs["seed"] = args.seed
         if "fast" in flags:  # the speed goal itself as the policy: measured bs1 latency <= 1/1.7 of the original
             kwargs.update(target_latency=1 / 1.7, latency_batch=1)
+        elif "lut" in flags:  # MACs and latency at bs1 and bs64 (vs the unpruned model), from a latency table
+            kwargs.update(target_macs=args.target_macs * scale, target_latency=1 / args.lut_speedup,
+                          latency_model="table", latency_batch=(1, 64), latency_reference=base)
+            info["lut_speedup"] = args.lut_speedup
         elif "sens" in flags:  # Li et al.'s per-layer sensitivity on the validation split, ratios meeting the MACs
             crit = {k: v for k, v in kwargs.items() if k != "batches"}
             kwargs["ratios"], scan = sensitivity_ratios(start, x, held_out_loader(data, args.batch_size, args.seed),
@@ -332,6 +343,8 @@ def row(info: dict, modes: list[str]) -> list:
         label += f" ({info['block_scoring']} block scoring)"
     label += ", KD fine-tune" if "kd" in flags else ""
     label += ", target_latency=1/1.7 (bs1) instead of MACs" if "fast" in flags else ""
+    label += (f", + latency table: target_latency=1/{info.get('lut_speedup', 1.7):g} at bs1 and bs64"
+              if "lut" in flags else "")
     label += (f", after 1 epoch of its sparsity training (strength {info.get('sparsity_strength')})"
               if "sparse" in flags else "")
     label += ", per-group ratios from a sensitivity scan" if "sens" in flags else ""
@@ -361,6 +374,8 @@ def main() -> None:
                    help="validation batches that score each residual block (blocks, :depthNN variants)")
     p.add_argument("--block-scoring", default="greedy", choices=SCORINGS,
                    help="how prune_blocks re-scores after each removal (blocks, :depthNN variants)")
+    p.add_argument("--lut-speedup", type=float, default=1.7,
+                   help="speed-up the :lut variants plan for at bs1 and bs64 (its latency target is 1/this)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for everything but the fine-tune")
     p.add_argument("--train-threads", type=int, help="torch threads for the fine-tune (default: --threads); "
                                                         "accuracy does not depend on it, only the minutes")

@@ -574,6 +574,13 @@ def test_cli_prune(tmp_path):
                 "--no-bench")
 
 
+def test_cli_prune_names_a_model_data_mismatch(tmp_path):
+    # resnet20 takes 3x32x32; digits are 1x8x8: a one-line error naming the dataset, not a conv traceback
+    with pytest.raises(SlimkitError, match="cannot take input of shape \\(1, 8, 8\\) from dataset digits"):
+        run_cli("prune", "resnet20", "--data", "digits", "--limit", "50", "--target-macs", "0.5", "--out",
+                str(tmp_path), "--no-bench")
+
+
 @pytest.mark.slow
 def test_cli_prune_bench(tmp_path):
     out = run_cli("prune", "resnet20", "--target-macs", "0.5", "--out", str(tmp_path), "--threads", "1")

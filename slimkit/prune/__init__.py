@@ -30,8 +30,9 @@ from . import dcp  # noqa: F401  (registers the dcp criterion)
 from .reconstruct import RECONSTRUCT_MODES, reconstruct_mode, reconstruct_weights  # registers thinet, lasso
 from .sensitivity import Sensitivity, held_out_loader, sensitivity_ratios, sensitivity_scan
 from .depth import Block, DepthResult, find_blocks, prune_blocks, remove_blocks
+from .latency import LatencyTable, plan_latency
 
-__all__ = ["Block", "DepthResult", "find_blocks", "prune_blocks", "prune_blocks_stage", "remove_blocks", "CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
+__all__ = ["Block", "DepthResult", "LatencyTable", "plan_latency", "find_blocks", "prune_blocks", "prune_blocks_stage", "remove_blocks", "CRITERIA", "DATA_CRITERIA", "RECONSTRUCT_MODES", "ChannelGraph", "Group", "LayerRecord", "PruneResult",
            "PrunedPadShortcut", "apply_plan", "build_graph", "compute_importance", "estimate", "plan", "prune",
            "prune_once", "prune_stage", "reconstruct_mode", "reconstruct_weights", "Sensitivity", "held_out_loader", "sensitivity_ratios",
            "sensitivity_scan", "slimming_penalty", "sparsity_term", "ssl_penalty"]
@@ -42,7 +43,7 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
                 target_params: float | None = None, ratio: float | None = None, ratios: dict | None = None,
                 round_to: int = 8, protected: list[str] | None = None, steps: int = 1, step_finetune: dict | None = None,
                 batches: int = 8, sparsity: dict | None = None, reconstruct: bool | str | None = None,
-                target_latency: float | None = None, latency_batch: int = 1,
+                target_latency: float | None = None, latency_batch: int | list[int] = 1, latency_model: str = "measure",
                 untie_shortcuts: bool = True, rounding: str = "floor",
                 sensitivity: dict | None = None) -> nn.Module:
     """Recipe stage: structured pruning (criteria of Li et al. 2017, Molchanov et al. 2017/2019, Liu et al. 2017,
@@ -106,7 +107,8 @@ def prune_stage(model: nn.Module, ctx: Context, criterion: str = "l1", target_ma
     result = prune(model, x, criterion=criterion, target_macs=target_macs, target_params=target_params, ratio=ratio,
                    ratios=ratios, round_to=round_to, protected=tuple(protected or ()), steps=steps,
                    finetune=between, inplace=True, reconstruct=reconstruct, target_latency=target_latency,
-                   latency_batch=latency_batch, untie_shortcuts=untie_shortcuts, rounding=rounding, **kwargs)
+                   latency_batch=tuple(latency_batch) if isinstance(latency_batch, list) else latency_batch,
+                   latency_model=latency_model, untie_shortcuts=untie_shortcuts, rounding=rounding, **kwargs)
     result.model.slimkit_prune = {"kept": result.kept, **result.summary(),
                                   **({"sensitivity": scan.to_dict(), "ratios": ratios} if scan else {})}
     ctx.details.update(result.model.slimkit_prune)  # kept indices go into the artifact's provenance

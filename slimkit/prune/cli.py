@@ -27,8 +27,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--target-macs", type=float, help="keep this fraction of the original MACs (e.g. 0.5)")
     policy.add_argument("--target-params", type=float, help="keep this fraction of the original parameters")
-    policy.add_argument("--target-latency", type=float,
-                        help="keep this fraction of the original's measured eager latency on this machine")
+    parser.add_argument("--target-latency", type=float,
+                        help="keep this fraction of the original's measured eager latency on this machine (with "
+                             "--latency-model table it may go with --target-macs: both must hold)")
     policy.add_argument("--ratio", type=float, help="uniform: remove this fraction of every group's channels")
     parser.add_argument("--sensitivity", action="store_true",
                         help="per-group ratios from a sensitivity scan on the validation split (Li et al. 2017): "
@@ -46,7 +47,13 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "the ranking (lazy: same picks when removals only make others costlier, fewer probes) "
                              "or rank once")
     parser.add_argument("--max-drop", type=float, help="with --sensitivity: top-1 drop allowed per group (0.02)")
-    parser.add_argument("--latency-batch", type=int, default=1, help="batch size --target-latency is timed at")
+    parser.add_argument("--latency-batch", default="1",
+                        help="batch size --target-latency is timed at; several comma-separated (1,64) with "
+                             "--latency-model table, each must meet the target")
+    parser.add_argument("--latency-model", default="measure", choices=("measure", "table"),
+                        help="measure: bisect the global ranking, timing each candidate; table: a measured per-layer "
+                             "latency table, channels cut where least importance is lost per latency saved "
+                             "(NetAdapt/HALP)")
     parser.add_argument("--tie-shortcuts", action="store_true",
                         help="option-A ResNets: keep a stage-1 trunk channel and its copies in later stages together "
                              "(default: each stage's trunk is pruned on its own, shortcuts carry zeros)")
@@ -93,7 +100,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
     from ..artifact import atomic_write_text, history, save
     from ..models import create_model
     from ..models.registry import is_artifact_path, model_input_size
-    from ..train import evaluate, fit
+    from ..train import check_input, evaluate, fit
     from .importance import CRITERIA, DATA_CRITERIA
     from .pruner import prune
     from .reconstruct import reconstruct_mode
@@ -110,8 +117,14 @@ def cli_prune(args: argparse.Namespace) -> dict:
     blocks = args.blocks
     if blocks is not None and not 0 < blocks <= 1:
         raise SlimkitError(f"prune: --blocks is a fraction of the original MACs in (0, 1], got {blocks}")
-    if blocks is not None and (args.target_params is not None or args.target_latency is not None):
-        raise SlimkitError("prune: --blocks combines with --target-macs, --ratio or --sensitivity only")
+    if blocks is not None and args.target_params is not None:
+        raise SlimkitError("prune: --blocks combines with --target-macs, --target-latency, --ratio or --sensitivity "
+                           "only")
+    try:
+        latency_batch = tuple(int(b) for b in str(args.latency_batch).split(",") if b.strip())
+    except ValueError:
+        raise SlimkitError(f"prune: --latency-batch takes batch sizes like 1 or 1,64, got {args.latency_batch!r}")
+    latency_batch = latency_batch[0] if len(latency_batch) == 1 else latency_batch
     if blocks is not None and args.target_macs is not None and args.target_macs >= blocks:
         raise SlimkitError(f"prune: --target-macs {args.target_macs} is not below --blocks {blocks}: "
                            "the channels would have nothing left to remove (use --blocks alone)")
@@ -143,6 +156,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
         input_size = tuple(data.info.input_size) if data else model_input_size(model, args.model)
     example = torch.zeros(1, *input_size)
     test_loader = data.loader("test", args.batch_size) if data else None
+    if data:  # a model/data mismatch is named here, not deep inside a conv
+        check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
     before = evaluate(model, test_loader) if data else None
 
     kwargs = {}
@@ -193,7 +208,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
     result = prune(start, example, criterion=args.criterion, target_macs=target_macs, ratios=ratios,
                    target_params=args.target_params, ratio=args.ratio, round_to=args.round_to, protected=protect,
                    steps=args.steps, finetune=finetune, target_latency=args.target_latency,
-                   latency_batch=args.latency_batch, reconstruct=mode or False,
+                   latency_batch=latency_batch, latency_model=args.latency_model, reconstruct=mode or False,
+                   latency_reference=model if depth else None,  # a latency target stays a fraction of the original
                    untie_shortcuts=not args.tie_shortcuts, rounding=args.rounding,
                    **kwargs) if channels else None
     pruned = result.model if result else depth.model  # reconstructed (if asked) before fine-tuning (He et al. 2017)
@@ -206,7 +222,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
     params = {"criterion": args.criterion if channels else None, "blocks": blocks, "target_macs": args.target_macs,
               "target_params": args.target_params,
-              "target_latency": args.target_latency, "latency_batch": args.latency_batch,
+              "target_latency": args.target_latency, "latency_batch": latency_batch,
+              "latency_model": args.latency_model,
               "untie_shortcuts": not args.tie_shortcuts, "rounding": args.rounding, "sensitivity": args.sensitivity,
               "max_drop": args.max_drop, "ratios": ratios,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,

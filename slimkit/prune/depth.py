@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
+from .trace import hooked_forward
 
 __all__ = ["Block", "DepthResult", "find_blocks", "prune_blocks", "remove_blocks"]
 
@@ -151,15 +152,7 @@ def find_blocks(model: nn.Module, example_input: torch.Tensor) -> list[Block]:
             if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
                 shapes.setdefault(name, (tuple(args[0].shape), tuple(output.shape)))
         hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    hooked_forward(model, example_input, hooks)
     prof = profile(model, example_input)
     blocks = []
     for name, form in forms.items():

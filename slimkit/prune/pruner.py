@@ -13,6 +13,11 @@ Policies (exactly one per call):
   builds the candidate and times it against the original with :func:`slimkit.bench.compare`
   (interleaved pairs, median ratio), so the target is met on the machine that prunes; no
   give-back pass (timing noise would make it flip chunks at random).
+  With ``latency_model="table"`` the ranking changes instead: a measured per-layer latency table
+  (:mod:`slimkit.prune.latency`, NetAdapt/HALP) predicts the model's latency at every batch in
+  ``latency_batch`` (an int or a tuple), and whole rounding chunks go where the least
+  importance is lost per unit of latency saved, until every batch size meets the target. This
+  is the one policy that may be combined with ``target_macs`` (both budgets must hold).
 * ``ratio=r``: uniform, every group loses the fraction ``r`` of its channels.
 * ``ratios={layer: r}``: explicit per-layer ratios for the group that layer produces (others keep
   ``ratio`` or 0).
@@ -160,7 +165,7 @@ def plan(graph: ChannelGraph, scores: np.ndarray, *, base_macs: int, base_params
          target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
          round_to: int = 8, reference_macs: int | None = None, reference_params: int | None = None,
          target_latency: float | None = None, latency_of: Callable[[np.ndarray], float] | None = None,
-         rounding: str = "floor") -> np.ndarray:
+         rounding: str = "floor", latency_table=None, reference_seconds: dict[int, float] | None = None) -> np.ndarray:
     """Boolean mask of the channel classes to remove under one policy (see the module docstring).
 
     Global policies rank classes by importance normalised per group (Molchanov et al., CVPR
@@ -169,9 +174,20 @@ def plan(graph: ChannelGraph, scores: np.ndarray, *, base_macs: int, base_params
     ``target_macs``/``target_params`` are fractions of ``reference_macs``/``reference_params``
     (default: this model's ``base_macs``/``base_params``, the profiler's counts), which lets
     iterative pruning aim every step at a fraction of the *original* model. ``target_latency``
-    needs ``latency_of(removed)``, the candidate's latency as a fraction of the original's.
+    needs ``latency_of(removed)``, the candidate's latency as a fraction of the original's, or
+    a ``latency_table`` (:class:`~slimkit.prune.latency.LatencyTable`; ``reference_seconds``: the
+    latency per batch the target is a fraction of), which ranks by importance per latency saved
+    (:func:`~slimkit.prune.latency.plan_latency`) and also honours ``target_macs``.
     """
     norm = _normalised(graph, scores)
+    if latency_table is not None:
+        from .latency import plan_latency
+
+        m0 = estimate(graph, np.zeros(graph.num_classes, dtype=bool))[0]
+        return plan_latency(graph, norm, latency_table, target_latency=target_latency,
+                            reference_seconds=reference_seconds, round_to=round_to,
+                            macs_goal=None if target_macs is None else target_macs * (reference_macs or base_macs),
+                            macs_offset=base_macs - m0)
     if ratio is not None or ratios:
         proposed = np.zeros(graph.num_classes, dtype=bool)
         by_layer = dict(ratios or {})
@@ -251,15 +267,28 @@ def _compose(old: dict, new: dict) -> dict:
     return out
 
 
+LATENCY_MODELS = ("measure", "table")
+
+
 def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, round_to, steps,
-                  target_latency=None, rounding="floor") -> None:
+                  target_latency=None, rounding="floor", latency_model="measure", latency_batch=1) -> None:
     CRITERIA.get(criterion)  # unknown names fail here, listing the known ones
     given = [n for n, v in (("target_macs", target_macs), ("target_params", target_params),
                             ("target_latency", target_latency), ("ratio", ratio), ("ratios", ratios)) if v is not None]
     if len(given) == 0:
         raise SlimkitError("prune: give one of target_macs, target_params, target_latency, ratio or ratios")
-    if len(given) > 1 and not (set(given) == {"ratio", "ratios"}):
-        raise SlimkitError(f"prune: give only one policy, got {', '.join(given)}")
+    if latency_model not in LATENCY_MODELS:
+        raise SlimkitError(f"prune: latency_model must be one of {', '.join(LATENCY_MODELS)}, got {latency_model!r}")
+    batches = latency_batch if isinstance(latency_batch, (tuple, list)) else (latency_batch,)
+    if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
+        raise SlimkitError(f"prune: latency_batch must be a positive integer or a tuple of them, got {latency_batch!r}")
+    if len(batches) > 1 and latency_model != "table":
+        raise SlimkitError("prune: several latency batch sizes need latency_model='table'")
+    together = set(given) == {"target_macs", "target_latency"} and latency_model == "table"
+    if len(given) > 1 and not (set(given) == {"ratio", "ratios"}) and not together:
+        raise SlimkitError(f"prune: give only one policy, got {', '.join(given)}"
+                           + (" (target_macs with target_latency needs latency_model='table')"
+                              if set(given) == {"target_macs", "target_latency"} else ""))
     for name, v in (("target_macs", target_macs), ("target_params", target_params), ("target_latency", target_latency)):
         if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
             raise SlimkitError(f"prune: {name} is a fraction of the original in (0, 1], got {v!r}")
@@ -275,19 +304,21 @@ def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, rou
 
 
 def _latency_ratio(reference: nn.Module, model: nn.Module, graph: ChannelGraph, removed: np.ndarray,
-                   example_input: torch.Tensor, batch: int, candidate: nn.Module | None = None) -> float:
-    """Median interleaved latency ratio (candidate / reference), eager, ``batch``, current threads."""
+                   example_input: torch.Tensor, batch: int | tuple[int, ...],
+                   candidate: nn.Module | None = None) -> float:
+    """Median interleaved latency ratio (candidate / reference), eager, current threads; the worst over ``batch``."""
     from ..bench import compare
 
     if candidate is None:
         candidate = copy.deepcopy(model)
         apply_plan(candidate, graph, removed)
-    r = compare(reference, candidate, tuple(example_input.shape[1:]), batch_sizes=(batch,),
+    batches = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    r = compare(reference, candidate, tuple(example_input.shape[1:]), batch_sizes=batches,
                 threads=torch.get_num_threads(), modes=("eager",), warmup=2, repeats=9, min_time_s=0.2,
                 roofline=False)
     if r.errors:
         raise SlimkitError(f"prune: cannot time the candidate for target_latency: {r.errors}")
-    return r.ratio("eager", batch)
+    return max(r.ratio("eager", b) for b in batches)
 
 
 def _profile(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -302,8 +333,9 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
                target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
                round_to: int = 8, protected: tuple[str, ...] | list[str] = (), reference: tuple[int, int] | None = None,
                before: tuple[int, int] | None = None, target_latency: float | None = None,
-               latency_reference: nn.Module | None = None, latency_batch: int = 1, untie_shortcuts: bool = True,
-               rounding: str = "floor", **criterion_kwargs) -> tuple[dict, ChannelGraph, tuple[int, int]]:
+               latency_reference: nn.Module | None = None, latency_batch: int | tuple[int, ...] = 1,
+               untie_shortcuts: bool = True, rounding: str = "floor", latency_model: str = "measure",
+               **criterion_kwargs) -> tuple[dict, ChannelGraph, tuple[int, int]]:
     """One-shot pruning of ``model`` in place: build the graph, score, plan, cut, verify MACs.
 
     Returns ``(kept, graph, (macs, params) after)``. ``reference`` is the (MACs, params) the
@@ -321,12 +353,28 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
     kw = dict(base_macs=macs0, base_params=params0, target_macs=target_macs, target_params=target_params,
               ratio=ratio, ratios=ratios, round_to=round_to, reference_macs=ref_m, reference_params=ref_p,
               rounding=rounding)
-    if target_latency is not None:
+    if target_latency is not None and latency_model == "table":
+        from .latency import LatencyTable, median_seconds
+
+        batches = tuple(latency_batch) if isinstance(latency_batch, (tuple, list)) else (latency_batch,)
+        table = LatencyTable(model, graph, example_input, batches)
+        ref_s = None
+        if latency_reference is not None:  # the target is a fraction of that model (the original, across steps)
+            inputs = {b: example_input.new_zeros((b, *example_input.shape[1:])) for b in batches}
+            ref_s = {b: median_seconds(lambda x=x: latency_reference(x)) for b, x in inputs.items()}
+        kw.update(target_latency=target_latency, latency_table=table, reference_seconds=ref_s)
+        ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
+    elif target_latency is not None:
         ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
         kw.update(target_latency=target_latency,
                   latency_of=lambda removed: _latency_ratio(ref_model, model, graph, removed, example_input,
                                                             latency_batch))
     removed = plan(graph, scores, **kw)
+    if kw.get("latency_table") is not None:
+        from .latency import closed_loop
+
+        removed = closed_loop(graph, scores, removed, kw, lambda r: _latency_ratio(
+            ref_model, model, graph, r, example_input, latency_batch))
     kept = apply_plan(model, graph, removed)
     macs1, params1 = _profile(model, example_input)
     predicted = macs0 - estimate(graph, np.zeros(graph.num_classes, dtype=bool))[0] + estimate(graph, removed)[0]
@@ -349,8 +397,10 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
           target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
           round_to: int = 8, protected: tuple[str, ...] | list[str] = (), steps: int = 1,
           finetune: Callable[[nn.Module, int], None] | None = None, inplace: bool = False,
-          target_latency: float | None = None, latency_batch: int = 1, reconstruct: bool | str | None = None,
-          untie_shortcuts: bool = True, rounding: str = "floor", **criterion_kwargs) -> PruneResult:
+          target_latency: float | None = None, latency_batch: int | tuple[int, ...] = 1,
+          reconstruct: bool | str | None = None, untie_shortcuts: bool = True, rounding: str = "floor",
+          latency_model: str = "measure", latency_reference: nn.Module | None = None,
+          **criterion_kwargs) -> PruneResult:
     """Structured channel pruning with a dependency graph (Li et al. 2017; Fang et al. 2023).
 
     Scores every channel class with ``criterion`` (see :data:`CRITERIA`: ``l1``/``l2`` of Li et
@@ -359,7 +409,10 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     Zhuang et al. 2018, ``random``), removes the least important under one policy (``target_macs``,
     ``target_params``, ``target_latency`` -- a fraction of the input model's measured eager
     latency at batch ``latency_batch`` on this machine --, ``ratio`` or ``ratios``; see the
-    module docstring), and returns a
+    module docstring; ``latency_model="table"`` ranks by importance per latency saved from a
+    measured per-layer table, NetAdapt/HALP style, for one or several batch sizes, and may be
+    combined with ``target_macs``; ``latency_reference``: the model whose latency the target is
+    a fraction of, default the input model, e.g. the unpruned one after depth pruning), and returns a
     smaller plain ``nn.Module`` with the kept channel indices of every changed layer relative
     to the input model. With ``steps=k`` it prunes iteratively (Molchanov et al. 2017): step
     ``i`` aims at ``target**(i/k)`` of the original and ``finetune(model, i)`` runs between
@@ -374,13 +427,13 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     group's kept width is rounded to ``round_to`` (module docstring). The input model is left
     untouched unless ``inplace``.
     """
-    _check_policy(criterion, target_macs, target_params, ratio, ratios, round_to, steps, target_latency, rounding)
-    if not isinstance(latency_batch, int) or latency_batch < 1:
-        raise SlimkitError(f"prune: latency_batch must be a positive integer, got {latency_batch!r}")
+    _check_policy(criterion, target_macs, target_params, ratio, ratios, round_to, steps, target_latency, rounding,
+                  latency_model, latency_batch)
     mode = reconstruct_mode(criterion, reconstruct)
     if mode and criterion_kwargs.get("loader") is None and criterion not in DATA_CRITERIA:  # those say so themselves
         raise SlimkitError(f"prune: weight reconstruction ({mode}) needs data: pass loader=")
     original = copy.deepcopy(model).eval() if target_latency is not None or mode else None
+    timing_reference = latency_reference.eval() if latency_reference is not None else original
     work = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         macs0, params0 = _profile(work, example_input)
@@ -394,8 +447,9 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
             work, example_input, criterion=criterion, target_macs=frac(target_macs), target_params=frac(target_params),
             ratio=part(ratio), ratios={k: part(v) for k, v in ratios.items()} if ratios else None, round_to=round_to,
             protected=protected, reference=(macs0, params0) if target_macs or target_params else None,
-            before=after, target_latency=frac(target_latency), latency_reference=original, latency_batch=latency_batch,
-            untie_shortcuts=untie_shortcuts, rounding=rounding, **criterion_kwargs)
+            before=after, target_latency=frac(target_latency), latency_reference=timing_reference,
+            latency_batch=latency_batch,
+            untie_shortcuts=untie_shortcuts, rounding=rounding, latency_model=latency_model, **criterion_kwargs)
         kept = _compose(kept, step_kept)
         if finetune is not None and i < steps:
             finetune(work, i)
@@ -408,7 +462,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     latency = None
     if target_latency is not None:
         was = work.training
-        latency = _latency_ratio(original, work, graph, np.zeros(0, dtype=bool), example_input, latency_batch,
+        latency = _latency_ratio(timing_reference, work, graph, np.zeros(0, dtype=bool), example_input, latency_batch,
                                  candidate=work.eval())
         work.train(was)
         if latency > target_latency:

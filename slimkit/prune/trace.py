@@ -7,12 +7,28 @@ channels the graph then blocks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import SlimkitError
 
-__all__ = ["pad_types", "trace"]
+__all__ = ["hooked_forward", "pad_types", "trace"]
+
+
+def hooked_forward(model: nn.Module, example_input: torch.Tensor, handles: Iterable) -> None:
+    """One eval-mode, no-grad forward pass for the hooks in ``handles``, then remove them and restore the mode."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
 
 
 def pad_types() -> tuple[type, ...]:
