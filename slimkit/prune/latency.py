@@ -42,7 +42,7 @@ from ..errors import SlimkitError
 from .graph import ChannelGraph
 from .trace import hooked_forward
 
-__all__ = ["TABLE_ROUNDS", "LatencyTable", "closed_loop", "plan_latency"]
+__all__ = ["TABLE_ROUNDS", "LatencyTable", "closed_loop", "median_seconds", "model_seconds", "plan_latency"]
 
 
 def median_seconds(fn, repeats: int = 5, min_sample_s: float = 0.002) -> float:
@@ -67,6 +67,18 @@ def median_seconds(fn, repeats: int = 5, min_sample_s: float = 0.002) -> float:
         if was:
             gc.enable()
     return float(np.median(samples))
+
+
+def model_seconds(model: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int],
+                  repeats: int = 5) -> dict[int, float]:
+    """Median eval-mode seconds of one forward pass of ``model`` at each batch size (zeros shaped like the example)."""
+    was = model.training
+    model.eval()
+    try:
+        inputs = {b: example_input.new_zeros((b, *example_input.shape[1:])) for b in batch_sizes}
+        return {b: median_seconds(lambda x=x: model(x), repeats) for b, x in inputs.items()}
+    finally:
+        model.train(was)
 
 
 class LatencyTable:
@@ -99,13 +111,7 @@ class LatencyTable:
 
         hooked_forward(model, example_input, [m.register_forward_pre_hook(hook) for m in mods])
         self.full = {n: self.widths(n, None) for n in timed.values()}
-        was = model.training
-        model.eval()
-        try:
-            inputs = {b: example_input.new_zeros((b, *example_input.shape[1:])) for b in self.batch_sizes}
-            self.model_seconds = {b: median_seconds(lambda x=x: model(x), repeats) for b, x in inputs.items()}
-        finally:
-            model.train(was)
+        self.model_seconds = model_seconds(model, example_input, self.batch_sizes, repeats)
         self.full_layers = {b: self.layers_seconds(self.full, b) for b in self.batch_sizes}
 
     def widths(self, name: str, keep: np.ndarray | None) -> tuple[int, int]:
@@ -186,7 +192,7 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
             return sum(_layer_cost(graph.layers[n], *widths[n])[0] for n in names)
         return sum(table.layer_seconds(n, *widths[n], batch) for n in names)
 
-    lat = {b: table.predict({}, b) for b in table.batch_sizes}
+    lat = dict(table.model_seconds)  # the prediction at full width
     start = dict(lat)
     macs = start_macs = macs_offset + estimate(graph, removed)[0]
     while True:

@@ -270,6 +270,10 @@ def _compose(old: dict, new: dict) -> dict:
 LATENCY_MODELS = ("measure", "table")
 
 
+def _batches(latency_batch: int | tuple[int, ...] | list[int]) -> tuple:
+    return tuple(latency_batch) if isinstance(latency_batch, (tuple, list)) else (latency_batch,)
+
+
 def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, round_to, steps,
                   target_latency=None, rounding="floor", latency_model="measure", latency_batch=1) -> None:
     CRITERIA.get(criterion)  # unknown names fail here, listing the known ones
@@ -279,7 +283,7 @@ def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, rou
         raise SlimkitError("prune: give one of target_macs, target_params, target_latency, ratio or ratios")
     if latency_model not in LATENCY_MODELS:
         raise SlimkitError(f"prune: latency_model must be one of {', '.join(LATENCY_MODELS)}, got {latency_model!r}")
-    batches = latency_batch if isinstance(latency_batch, (tuple, list)) else (latency_batch,)
+    batches = _batches(latency_batch)
     if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
         raise SlimkitError(f"prune: latency_batch must be a positive integer or a tuple of them, got {latency_batch!r}")
     if len(batches) > 1 and latency_model != "table":
@@ -312,7 +316,7 @@ def _latency_ratio(reference: nn.Module, model: nn.Module, graph: ChannelGraph, 
     if candidate is None:
         candidate = copy.deepcopy(model)
         apply_plan(candidate, graph, removed)
-    batches = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    batches = _batches(batch)
     r = compare(reference, candidate, tuple(example_input.shape[1:]), batch_sizes=batches,
                 threads=torch.get_num_threads(), modes=("eager",), warmup=2, repeats=9, min_time_s=0.2,
                 roofline=False)
@@ -353,28 +357,26 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
     kw = dict(base_macs=macs0, base_params=params0, target_macs=target_macs, target_params=target_params,
               ratio=ratio, ratios=ratios, round_to=round_to, reference_macs=ref_m, reference_params=ref_p,
               rounding=rounding)
-    if target_latency is not None and latency_model == "table":
-        from .latency import LatencyTable, median_seconds
+    if target_latency is not None:
+        ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
 
-        batches = tuple(latency_batch) if isinstance(latency_batch, (tuple, list)) else (latency_batch,)
-        table = LatencyTable(model, graph, example_input, batches)
-        ref_s = None
-        if latency_reference is not None:  # the target is a fraction of that model (the original, across steps)
-            inputs = {b: example_input.new_zeros((b, *example_input.shape[1:])) for b in batches}
-            ref_s = {b: median_seconds(lambda x=x: latency_reference(x)) for b, x in inputs.items()}
-        kw.update(target_latency=target_latency, latency_table=table, reference_seconds=ref_s)
-        ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
-    elif target_latency is not None:
-        ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
-        kw.update(target_latency=target_latency,
-                  latency_of=lambda removed: _latency_ratio(ref_model, model, graph, removed, example_input,
-                                                            latency_batch))
+        def latency_of(removed: np.ndarray) -> float:
+            return _latency_ratio(ref_model, model, graph, removed, example_input, latency_batch)
+
+        kw["target_latency"] = target_latency
+        if latency_model == "table":
+            from .latency import LatencyTable, model_seconds
+
+            table = LatencyTable(model, graph, example_input, _batches(latency_batch))
+            kw.update(latency_table=table, reference_seconds=None if latency_reference is None else
+                      model_seconds(latency_reference, example_input, table.batch_sizes))
+        else:
+            kw["latency_of"] = latency_of
     removed = plan(graph, scores, **kw)
     if kw.get("latency_table") is not None:
         from .latency import closed_loop
 
-        removed = closed_loop(graph, scores, removed, kw, lambda r: _latency_ratio(
-            ref_model, model, graph, r, example_input, latency_batch))
+        removed = closed_loop(graph, scores, removed, kw, latency_of)
     kept = apply_plan(model, graph, removed)
     macs1, params1 = _profile(model, example_input)
     predicted = macs0 - estimate(graph, np.zeros(graph.num_classes, dtype=bool))[0] + estimate(graph, removed)[0]
