@@ -17,7 +17,7 @@ group-mean normalisation), global pruning, ``round_to=8``, the final linear igno
 ``pruning_ratio`` found by bisection so its profiled MACs are the largest that still meet the
 same target. Torch-Pruning does not understand the option-A shortcut (``F.pad`` over channels:
 unmodified it returns a broken model), so for it every ``PadShortcut`` is first swapped for an
-equivalent ``IndexPad`` (cat a zero channel + index_select) with a customised pruner.
+equivalent ``IndexPad`` (cat a zero channel + index_select) with a customised pruner (benchmarks/tp_adapter.py).
 
 A variant takes ``:FLAG`` suffixes: ``untied`` prunes with ``untie_shortcuts=True`` (each ResNet
 stage's trunk on its own, the library's default); without it the benchmark passes
@@ -78,6 +78,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CIFAR, ROOT, markdown_table, record  # noqa: E402
+from tp_adapter import tp_search  # noqa: E402
 
 import slimkit  # noqa: E402
 from slimkit.bench import compare  # noqa: E402
@@ -106,97 +107,6 @@ ANCHORS = [
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# -- Torch-Pruning adapter -------------------------------------------------------------------------
-
-class IndexPad(nn.Module):
-    """Option-A shortcut as a gather: output channel i is input channel ``index[i]``, or zero where it is -1."""
-
-    def __init__(self, stride: int, index: list[int], in_channels: int) -> None:
-        super().__init__()
-        self.stride, self.in_channels = stride, in_channels
-        self.register_buffer("index", torch.tensor(index, dtype=torch.long), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        zero = x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])
-        src = torch.where(self.index < 0, torch.full_like(self.index, self.in_channels), self.index)
-        return torch.cat([x, zero], 1).index_select(1, src)
-
-
-def _swap_pads(model: nn.Module) -> None:
-    from slimkit.models.cifar_resnet import PadShortcut
-    from slimkit.prune import PrunedPadShortcut
-
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (PadShortcut, PrunedPadShortcut)) and m.out_channels != m.in_channels:
-            before = getattr(m, "before", (m.out_channels - m.in_channels) // 2)
-            after = m.out_channels - m.in_channels - before
-            index = [-1] * before + list(range(m.in_channels)) + [-1] * after
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
-                    IndexPad(m.stride, index, m.in_channels))
-
-
-def _index_pad_pruner():
-    import torch_pruning as tp
-
-    class IndexPadPruner(tp.pruner.function.BasePruningFunc):
-        def prune_out_channels(self, layer: IndexPad, idxs):
-            drop = {int(i) for i in idxs}
-            layer.index = layer.index[[i for i in range(len(layer.index)) if i not in drop]]
-            return layer
-
-        def prune_in_channels(self, layer: IndexPad, idxs):
-            drop = sorted({int(i) for i in idxs})
-            old = layer.index.tolist()
-            new = []
-            for v in old:  # a removed input channel leaves a zero channel; later ones shift down
-                new.append(-1 if v in drop else (v - sum(1 for d in drop if d < v) if v >= 0 else -1))
-            layer.index = torch.tensor(new, dtype=torch.long)
-            layer.in_channels -= len(drop)
-            return layer
-
-        def get_out_channels(self, layer: IndexPad):
-            return len(layer.index)
-
-        def get_in_channels(self, layer: IndexPad):
-            return layer.in_channels
-
-    return IndexPadPruner()
-
-
-def tp_prune(model: nn.Module, ratio: float) -> nn.Module:
-    import torch_pruning as tp
-
-    m = copy.deepcopy(model).eval()
-    _swap_pads(m)
-    x = torch.zeros(1, *INPUT)
-    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1), global_pruning=True,
-                                  pruning_ratio=ratio, ignored_layers=[m.linear], round_to=8,
-                                  customized_pruners={IndexPad: _index_pad_pruner()})
-    pruner.step()
-    return m
-
-
-def tp_search(model: nn.Module, target: float, macs0: int, iters: int = 12) -> tuple[nn.Module, float, list]:
-    """Bisection on Torch-Pruning's global pruning_ratio: the smallest ratio whose profiled MACs meet the target."""
-    lo, hi, best, trace = 0.0, 0.95, None, []
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        m = tp_prune(model, mid)
-        macs = profile(m, torch.zeros(1, *INPUT)).macs
-        trace.append((round(mid, 4), macs / macs0))
-        if macs <= target * macs0:
-            hi, best = mid, (m, mid)
-        else:
-            lo = mid
-    if best is None:
-        m = tp_prune(model, hi)
-        best = (m, hi)
-    return best[0], best[1], trace
 
 
 # -- one variant -------------------------------------------------------------------------------------
@@ -237,7 +147,7 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     elif method == "blocks":
         pruned = start
     elif method == "torch-pruning-l1":
-        pruned, ratio, trace = tp_search(base, args.target_macs, base_prof.macs)
+        pruned, ratio, trace = tp_search(base, args.target_macs, base_prof.macs, x)
         info["tp_ratio"], info["tp_search"] = ratio, trace
         log(f"{name} {variant}: pruning_ratio {ratio:.4f} after bisection {trace}")
     else:
