@@ -24,6 +24,8 @@ stage's trunk on its own, the library's default); without it the benchmark passe
 ``untie_shortcuts=False`` (a stage-1 trunk channel and its copies in later stages together); ``ceil`` rounds each group's kept width up instead of down (``rounding``);
 ``kd`` fine-tunes with Hinton et al.'s distillation from the unpruned model (T=4, alpha 0.9 as
 ``slimkit.distill``'s defaults) instead of plain cross-entropy -- same epochs, lr and schedule;
+``kd@NAME`` distils from another adapted baseline instead (``kd@resnet56`` for resnet20: a
+deeper teacher trained on the same data);
 ``fast`` replaces the MAC target by the speed goal itself, ``target_latency=1/1.7`` measured at
 batch 1 on this machine (the MACs then land where they land, below the target);
 ``lut`` keeps the MAC target and adds a latency target of ``1/--lut-speedup`` of the unpruned
@@ -125,10 +127,19 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     info: dict = {"model": name, "variant": variant}
     method, *flags = variant.split(":")
     depth = [f for f in flags if f.startswith("depth")]
-    unknown = set(flags) - {"untied", "ceil", "kd", "fast", "lut", "sparse", "sens"} - set(depth)
-    if unknown or len(depth) > 1 or (depth and not depth[0][5:].isdigit()):
-        raise SystemExit(f"variant {variant!r}: unknown flag(s) {', '.join(sorted(unknown or depth))} "
-                         "(untied, ceil, kd, fast, lut, sparse, sens, depthNN)")
+    kd = [f for f in flags if f == "kd" or f.startswith("kd@")]
+    unknown = set(flags) - {"untied", "ceil", "fast", "lut", "sparse", "sens"} - set(depth) - set(kd)
+    if unknown or len(depth) > 1 or len(kd) > 1 or (depth and not depth[0][5:].isdigit()):
+        raise SystemExit(f"variant {variant!r}: unknown or repeated flag(s) "
+                         f"{', '.join(sorted(unknown or depth or kd))} "
+                         "(untied, ceil, kd, kd@TEACHER, fast, lut, sparse, sens, depthNN)")
+    teacher = base
+    if kd and kd[0] != "kd":  # a stronger teacher: another adapted baseline trained on the same data
+        path = os.path.join(ROOT, "runs", "baselines", f"{kd[0][3:]}.safetensors")
+        if not os.path.exists(path):
+            raise SystemExit(f"variant {variant!r}: no baseline {path} to teach with (run benchmarks/baselines.py)")
+        teacher = slimkit.load(path).eval()
+        info["teacher"] = kd[0][3:]
     depth_macs = int(depth[0][5:]) / 100 if depth else None
     if depth_macs is not None and not args.target_macs < depth_macs <= 1:
         raise SystemExit(f"variant {variant!r}: depthNN keeps NN% of the MACs, above --target-macs")
@@ -200,8 +211,8 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
                      progress=False, checkpoint_dir=os.path.join(args.out, f"{name}-{variant}-ckpt"))
         loader = data.loader("train", args.batch_size, seed=args.seed)
         torch.set_num_threads(args.train_threads or args.threads)  # the timings below set their own threads
-        if "kd" in flags:
-            with distill_terms("kd", copy.deepcopy(base).eval(), pruned, x) as terms:
+        if kd:
+            with distill_terms("kd", copy.deepcopy(teacher).eval(), pruned, x) as terms:
                 fit(pruned, loader, extra_losses=terms, **train)
         else:
             fit(pruned, loader, **train)
@@ -252,6 +263,7 @@ def row(info: dict, modes: list[str]) -> list:
     if info.get("block_scoring", "greedy") != "greedy":
         label += f" ({info['block_scoring']} block scoring)"
     label += ", KD fine-tune" if "kd" in flags else ""
+    label += f", KD fine-tune from {info['teacher']}" if "teacher" in info else ""
     label += ", target_latency=1/1.7 (bs1) instead of MACs" if "fast" in flags else ""
     label += (f", + latency table: target_latency=1/{info.get('lut_speedup', 1.7):g} at bs1 and bs64"
               if "lut" in flags else "")

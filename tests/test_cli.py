@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+import slimkit
 from slimkit.cli import main
 
 from conftest import CIFAR_JPEG, RESNET20, ROOT, need
@@ -117,3 +118,28 @@ def test_recipe_stage_recovers_by_distillation_from_the_pre_stage_model(capsys, 
     assert os.path.isdir(tmp_path / "c" / "stages" / "01-distill")
     assert report["steps"][0]["metrics"]["test_top1"] > 0.9
     assert pruned["metrics"]["test_top1"] > 0.75  # one epoch of KD recovers most of a 2x MAC cut
+
+
+def test_recipe_stage_distills_from_a_named_teacher(capsys, tmp_path):
+    """`finetune: {distill: kd, teacher: PATH}` teaches with that model: a random teacher teaches badly."""
+    code, out, _ = run(capsys, "train", "digits_cnn", "--data", "digits", "--epochs", "6", "--lr", "0.1",
+                       "--out", str(tmp_path / "t"), "--json")
+    artifact = json.loads(out)["artifact"]
+    torch.manual_seed(0)
+    random_teacher = tmp_path / "random.pt"
+    torch.save(slimkit.create_model("digits_cnn", num_classes=10).state_dict(), random_teacher)
+    tops = {}
+    for name, extra in (("own", {}), ("random", {"teacher": "digits_cnn", "teacher_weights": str(random_teacher)})):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({"model": artifact, "data": "digits", "stages": [
+            {"method": "prune", "criterion": "l1", "target_macs": 0.5, "round_to": 4,
+             "finetune": {"distill": "kd", "epochs": 1, "lr": 0.01, **extra}}]}))
+        code, out, _ = run(capsys, "compress", "--recipe", str(recipe), "--out", str(tmp_path / name), "--json")
+        assert code == 0
+        tops[name] = json.loads(out)["steps"][1]["metrics"]["test_top1"]
+    assert tops["own"] > tops["random"] + 0.1  # alpha 0.9 of the loss follows a teacher that knows nothing
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({"model": artifact, "data": "digits", "stages": [
+        {"method": "prune", "criterion": "l1", "target_macs": 0.5, "finetune": {"teacher": "digits_cnn"}}]}))
+    code, _, err = run(capsys, "compress", "--recipe", str(recipe), "--out", str(tmp_path / "bad"))
+    assert code != 0 and "finetune.teacher goes with finetune.distill" in err

@@ -581,6 +581,29 @@ def test_cli_prune_names_a_model_data_mismatch(tmp_path):
                 str(tmp_path), "--no-bench")
 
 
+def test_cli_prune_distills_from_another_teacher(tmp_path):
+    # same seed, same cut, same budget: only the teacher differs, so the fine-tuned weights must differ,
+    # and the teacher is recorded; a teacher for the wrong number of classes is named before any work
+    weights, student = tmp_path / "teacher.pt", tmp_path / "student.pt"
+    torch.manual_seed(7)
+    torch.save(slimkit.create_model("digits_cnn", num_classes=10).state_dict(), weights)
+    torch.save(slimkit.create_model("digits_cnn", num_classes=10).state_dict(), student)
+    common = ["digits_cnn", "--weights", str(student), "--data", "digits", "--limit", "60", "--batch-size", "32", "--criterion", "l1",
+              "--target-macs", "0.5", "--round-to", "4", "--finetune-epochs", "1", "--distill", "kd", "--no-bench"]
+    own = run_cli("prune", *common, "--out", str(tmp_path / "own"))
+    other = run_cli("prune", *common, "--teacher", "digits_cnn", "--teacher-weights", str(weights),
+                    "--out", str(tmp_path / "other"))
+    mine, theirs = slimkit.load(own["artifact"]), slimkit.load(other["artifact"])
+    assert own["kept"] == other["kept"] and theirs.slimkit_meta["prune"]["params"]["teacher"] == "digits_cnn"
+    a, b = mine.state_dict(), theirs.state_dict()
+    assert any(not torch.allclose(a[k].float(), b[k].float()) for k in a)
+    with pytest.raises(SlimkitError, match="teacher resnet20"):
+        run_cli("prune", *common, "--teacher", "resnet20", "--out", str(tmp_path / "bad"))
+    with pytest.raises(SlimkitError, match="--teacher goes with --distill"):
+        run_cli("prune", "digits_cnn", "--data", "digits", "--target-macs", "0.5", "--teacher", "digits_cnn",
+                "--out", str(tmp_path / "bad"), "--no-bench")
+
+
 @pytest.mark.slow
 def test_cli_prune_bench(tmp_path):
     out = run_cli("prune", "resnet20", "--target-macs", "0.5", "--out", str(tmp_path), "--threads", "1")

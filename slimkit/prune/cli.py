@@ -77,6 +77,9 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after (each) step")
     parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     parser.add_argument("--distill", help="fine-tune with the unpruned model as teacher (e.g. kd, at, kd+at)")
+    parser.add_argument("--teacher", help="teacher for --distill instead of the unpruned model: registered name or "
+                                          "artifact path (e.g. a deeper network trained on the same data)")
+    parser.add_argument("--teacher-weights", help="weights file for --teacher")
     parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's)")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
@@ -144,9 +147,17 @@ def cli_prune(args: argparse.Namespace) -> dict:
                 else f"--reconstruct {mode}" if mode else "--sensitivity" if args.sensitivity
                 else "--blocks" if blocks else "--finetune-epochs")
         raise SlimkitError(f"prune: --data is needed for {what}")
+    if (args.teacher or args.teacher_weights) and not (args.distill and args.finetune_epochs):
+        raise SlimkitError("prune: --teacher goes with --distill and --finetune-epochs")
+    if args.teacher_weights and not args.teacher:
+        raise SlimkitError("prune: --teacher-weights needs --teacher")
     num_classes = None if is_artifact_path(args.model) else (
         args.num_classes or (data.info.num_classes if data else None))
     model = create_model(args.model, num_classes=num_classes, weights=args.weights).cpu().eval()
+    teacher = model
+    if args.teacher:
+        teacher = create_model(args.teacher, num_classes=None if is_artifact_path(args.teacher) else num_classes,
+                               weights=args.teacher_weights).cpu().eval()
     if args.input_size:
         try:
             input_size = tuple(int(v) for v in args.input_size.split(","))
@@ -157,7 +168,10 @@ def cli_prune(args: argparse.Namespace) -> dict:
     example = torch.zeros(1, *input_size)
     test_loader = data.loader("test", args.batch_size) if data else None
     if data:  # a model/data mismatch is named here, not deep inside a conv
-        check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
+        sample = next(iter(data.loader("test", 2)))[0]
+        check_input(model, sample, data.info.num_classes, f"dataset {args.data}")
+        if teacher is not model:
+            check_input(teacher, sample, data.info.num_classes, f"dataset {args.data} (teacher {args.teacher})")
     before = evaluate(model, test_loader) if data else None
 
     kwargs = {}
@@ -174,7 +188,7 @@ def cli_prune(args: argparse.Namespace) -> dict:
         if args.distill:  # recovery by distillation from the unpruned model (prune() leaves `model` untouched)
             from ..distill import distill_terms
 
-            with distill_terms(args.distill, model, m, example) as terms:
+            with distill_terms(args.distill, teacher, m, example) as terms:
                 fit(m, loader, epochs=args.finetune_epochs, lr=args.lr, seed=args.seed + step, progress=False,
                     extra_losses=terms)
         else:
@@ -227,7 +241,8 @@ def cli_prune(args: argparse.Namespace) -> dict:
               "untie_shortcuts": not args.tie_shortcuts, "rounding": args.rounding, "sensitivity": args.sensitivity,
               "max_drop": args.max_drop, "ratios": ratios,
               "ratio": args.ratio, "round_to": args.round_to, "protected": protect, "steps": args.steps,
-              "finetune_epochs": args.finetune_epochs, "distill": args.distill, "reconstruct": mode}
+              "finetune_epochs": args.finetune_epochs, "distill": args.distill, "teacher": args.teacher,
+              "reconstruct": mode}
     first, last = (depth or result), (result or depth)  # counts: the original model before, the final one after
     counts = {"params_before": first.params_before, "params_after": last.params_after,
               "macs_before": first.macs_before, "macs_after": last.macs_after,

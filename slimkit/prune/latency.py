@@ -21,7 +21,9 @@ does that for the dependency graph of :mod:`slimkit.prune.graph`:
 * :func:`plan_latency` removes one rounding chunk at a time (an atom's ``round_to`` lowest
   scored channels), the chunk with the least normalised importance per unit of the unmet
   budgets it saves (each budget's saving as a fraction of its starting value), until every
-  budget holds: the predicted latency at each batch size and, optionally, the MACs.
+  budget holds: the predicted latency at each batch size and, optionally, the MACs. A chunk's
+  importance counts once per pair of conv/linear layers its channels touch, so a residual
+  trunk (which every block of a stage reads and writes) is weighed by what it feeds.
 * :func:`closed_loop` measures the planned model against the reference and re-plans with a
   tighter target while the measurement misses (the table is a model of the latency, not the
   latency).
@@ -170,6 +172,11 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
     :func:`~slimkit.prune.pruner.estimate`) must also end at most that. Greedy as NetAdapt
     (Yang et al. 2018): remove the chunk that loses the least importance per unit of the unmet
     budgets it saves; stop when all hold, or when no chunk saves anything (the caller checks).
+    A chunk's importance is weighted by half the number of conv/linear layers it touches (1 for a
+    channel between two convs, 4 for a stage trunk read and written by 8): per-group normalised
+    scores alone price a trunk channel like an inner one while its removal saves time in every
+    layer of the stage, and the planner then thins trunks first (on resnet20 at 1/1.75 of the
+    latency: 57.8% after one epoch of fine-tuning without the weight, 74.9% with it).
     """
     from .pruner import _layer_cost, estimate
 
@@ -183,7 +190,11 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
             if len(cand):
                 layers = [n for n, r in graph.layers.items() if r.kind in ("conv", "dwconv", "linear", "bn")
                           and any(c is not None and np.isin(c, atom).any() for c in (r.in_cls, r.out_cls))]
-                atoms.append((cand[np.argsort(norm[cand], kind="stable")], len(atom), layers))
+                # a residual trunk channel leaves and enters many convs, an inner one leaves one and enters
+                # one: counting its (per-group normalised) importance once per pair of layers it touches keeps
+                # the planner from thinning trunks just because each trunk chunk saves a lot of time
+                span = max(sum(graph.layers[n].kind in ("conv", "dwconv", "linear") for n in layers) / 2, 1.0)
+                atoms.append((cand[np.argsort(norm[cand], kind="stable")], len(atom), layers, span))
     gone = [0] * len(atoms)
     counts = {n: table.widths(n, None) for a in atoms for n in a[2]}
 
@@ -202,7 +213,7 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
         if not unmet:
             return removed
         best = None
-        for i, (cand, size, layers) in enumerate(atoms):
+        for i, (cand, size, layers, span) in enumerate(atoms):
             kept = size - gone[i]
             new_kept = (kept - 1) // round_to * round_to  # the next multiple of round_to below
             if new_kept < min(round_to, size) or gone[i] + kept - new_kept > len(cand):
@@ -214,8 +225,9 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
             saved = sum(max(cost(layers, counts, b) - cost(layers, new, b), 0)
                         / (start[b] if b is not None else start_macs)
                         for b in unmet)
-            if saved > 0 and (best is None or float(np.sum(norm[chunk])) / saved < best[0]):
-                best = (float(np.sum(norm[chunk])) / saved, i, chunk, new)
+            lost = span * float(np.sum(norm[chunk]))
+            if saved > 0 and (best is None or lost / saved < best[0]):
+                best = (lost / saved, i, chunk, new)
         if best is None:  # nothing left that saves anything: the caller reports the shortfall
             return removed
         _, i, chunk, new = best
@@ -228,29 +240,36 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
         counts.update(new)
 
 
-TABLE_ROUNDS = 3
+TABLE_ROUNDS = 4
+TABLE_TOLERANCE = 0.03  # a measured ratio this close under the target is tight enough to stop
 
 
 def closed_loop(graph: ChannelGraph, scores: np.ndarray, removed: np.ndarray, kw: dict,
                 measure: Callable[[np.ndarray], float]) -> np.ndarray:
-    """Check a latency-table plan on the real model and re-plan with a tighter target while it misses.
+    """Check a latency-table plan on the real model and re-plan until the measurement meets the target tightly.
 
     Layers timed alone do not add up to the model exactly (caches, kernels picked per shape,
-    timing noise), so the plan is built and measured (as NetAdapt measures its proposals); on a
-    miss the table's target is scaled by ``target / measured`` and the plan redone from the
-    cached table, up to :data:`TABLE_ROUNDS` plans in all. The plan that measured best is kept.
+    timing noise), so the plan is built and measured (as NetAdapt measures its proposals). A
+    miss re-plans with the table's target scaled by ``target / measured``, and so does an
+    overshoot of more than :data:`TABLE_TOLERANCE` (a plan that runs faster than asked has cut
+    channels it did not need to), up to :data:`TABLE_ROUNDS` plans in all. Kept: of the plans
+    that measured within the target, the one with the most MACs left; if none did, the fastest.
     ``kw`` are :func:`~slimkit.prune.pruner.plan`'s keyword arguments (with ``latency_table``).
     """
-    from .pruner import plan
+    from .pruner import estimate, plan
 
-    goal = kw["target_latency"]
-    best, best_ratio, target = removed, measure(removed), goal
-    for _ in range(TABLE_ROUNDS - 1):
-        if best_ratio <= goal:
-            break
-        target *= goal / best_ratio
-        trial = plan(graph, scores, **{**kw, "target_latency": target})
+    goal = target = kw["target_latency"]
+    tried: list[tuple[float, int, np.ndarray]] = []  # (measured ratio, MACs left, plan)
+    trial = removed
+    for i in range(TABLE_ROUNDS):
+        if i:
+            trial = plan(graph, scores, **{**kw, "target_latency": target})
+            if any((trial == t[2]).all() for t in tried):
+                break  # the table gives a plan already measured: another round learns nothing
         ratio = measure(trial)
-        if ratio < best_ratio:
-            best, best_ratio = trial, ratio
-    return best
+        tried.append((ratio, estimate(graph, trial)[0], trial))
+        if goal * (1 - TABLE_TOLERANCE) <= ratio <= goal:
+            break
+        target *= goal / ratio  # tighter after a miss, looser after an overshoot
+    meets = [t for t in tried if t[0] <= goal]
+    return max(meets, key=lambda t: t[1])[2] if meets else min(tried, key=lambda t: t[0])[2]
