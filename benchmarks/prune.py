@@ -220,6 +220,10 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
     info["finetune_min"] = (time.perf_counter() - t1) / 60
     info["train_threads"] = args.train_threads or args.threads
     info["top1_after_ft"] = evaluate(pruned, test)["top1"]
+    if method != "torch-pruning-l1":  # the model itself, so its speed and size can be measured again later
+        info["artifact"] = slimkit.save(pruned.eval(), os.path.join(args.out, f"{name}-{variant}.safetensors"),
+                                        meta={"input_size": list(INPUT), "variant": variant})
+        info["artifact_bytes"] = os.path.getsize(info["artifact"])
     info["delta_vs_base"] = info["top1_after_ft"] - base_top1
     log(f"{name} {variant}: top-1 after {args.epochs} epoch(s) {pct(info['top1_after_ft'])} "
         f"({100 * info['delta_vs_base']:+.2f} vs baseline) in {info['finetune_min']:.1f} min")

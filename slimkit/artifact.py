@@ -21,6 +21,7 @@ the file. A compression method that introduces its own module type registers it 
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import json
 import os
@@ -104,6 +105,13 @@ def register_module(cls: type | None = None, *, config: Callable[[nn.Module], di
 
 
 def _serializer(type_name: str) -> ModuleSerializer | None:
+    if type_name not in MODULES and type_name.startswith("slimkit."):
+        # the compression packages register their module types when imported (the pruned shortcut, int8
+        # layers ...): import that fixed list, so an artifact loads without the caller importing them first
+        from .pipeline import STAGE_MODULES
+
+        for package in STAGE_MODULES:
+            importlib.import_module(package)
     if type_name in MODULES:
         return MODULES.get(type_name)
     if type_name.startswith("torch.nn."):

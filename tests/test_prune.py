@@ -1,6 +1,8 @@
 """Structured pruning: the channel graph, the criteria, the policies, artifacts, stage and CLI."""
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -521,6 +523,15 @@ def test_pruned_resnet20_roundtrips_through_artifact(tmp_path):
     assert _widths(loaded) == _widths(r.model)
     with torch.no_grad():
         assert torch.equal(loaded(x), r.model.eval()(x))
+    # a user's fresh process that never imports slimkit.prune still loads it (the pruned shortcut registers
+    # itself when its package is imported, which the loader now does for slimkit's own module types)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(r.model.eval()(x).detach(), tmp_path / "y.pt")
+    code = ("import sys, torch, slimkit; m = slimkit.load(sys.argv[1]); x = torch.load(sys.argv[2]); "
+            "assert torch.equal(m(x), torch.load(sys.argv[3])), 'outputs differ'")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_padshortcut_unbalanced_split():

@@ -25,8 +25,8 @@ does that for the dependency graph of :mod:`slimkit.prune.graph`:
   importance counts once per pair of conv/linear layers its channels touch, so a residual
   trunk (which every block of a stage reads and writes) is weighed by what it feeds.
 * :func:`closed_loop` measures the planned model against the reference and re-plans with a
-  tighter target while the measurement misses (the table is a model of the latency, not the
-  latency).
+  tighter target while the measurement misses, or a looser one when it overshoots (the table
+  is a model of the latency, not the latency).
 """
 
 from __future__ import annotations
