@@ -191,8 +191,10 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
         if (spec or spec_weights) and not distill:
             raise SlimkitError(f"stage {i} ({stage['method']}): finetune.teacher goes with finetune.distill")
         if spec:  # another teacher, e.g. a deeper network trained on the same data
-            teacher = create_model(spec, num_classes=recipe.get("num_classes"), weights=spec_weights).eval()
-            check_input(teacher, x.to(ctx.device), data.info.num_classes, f"dataset {recipe['data']} (teacher {spec})")
+            from .distill import load_teacher
+
+            teacher = load_teacher(spec, spec_weights, data.info.num_classes, sample=x,
+                                   what=f"dataset {recipe['data']}", device=ctx.device)
         else:  # the model as it was before this stage teaches the compressed one (`finetune: {distill: kd}`)
             teacher = copy.deepcopy(model) if distill else None
         model = get_stage(stage["method"])(model, ctx, **params)

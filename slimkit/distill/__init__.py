@@ -33,7 +33,7 @@ from .moonshine import moonshine_student
 from .munge import TensorLoader, munge, munge_loader
 from .one import OneNetwork
 
-__all__ = ["METHODS", "AUX", "best_branch", "training_loader", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
+__all__ = ["METHODS", "AUX", "best_branch", "load_teacher", "training_loader", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
            "TensorLoader", "at_loss", "attention_map", "distill_stage", "distill_terms", "factor_loss",
            "finetune_with_distillation", "freeze", "fsp_loss", "fsp_matrix", "kd_loss", "logit_mse", "moonshine_student",
            "munge", "munge_loader", "one_loss", "pair_features", "register_method", "stages"]
@@ -215,6 +215,25 @@ def best_branch(net: OneNetwork, data, batch_size: int, device: str | torch.devi
     return max(range(len(scores)), key=scores.__getitem__), scores
 
 
+def load_teacher(spec: str, weights: str | None, num_classes: int, *, sample: torch.Tensor | None = None,
+                 what: str = "the data", device: str | torch.device = "cpu") -> nn.Module:
+    """The teacher ``spec`` (registered name or artifact path, ``weights`` optional) in eval mode on ``device``.
+
+    A registered name is built for ``num_classes``; with ``sample`` the teacher must take it and
+    predict ``num_classes`` classes, or a one-line error names ``what`` and the teacher
+    (Hinton et al. 2015's teacher, or any deeper network trained on the same data).
+    """
+    from ..models import create_model
+    from ..models.registry import is_artifact_path
+    from ..train import check_input
+
+    model = create_model(spec, num_classes=None if is_artifact_path(spec) else num_classes, weights=weights)
+    model = model.to(device).eval()
+    if sample is not None:
+        check_input(model, sample.to(device), num_classes, f"{what} (teacher {spec})")
+    return model
+
+
 @register_stage("distill")
 def distill_stage(model: nn.Module, ctx: Context, distill: str, teacher: str | None = None,
                   teacher_weights: str | None = None, batch_size: int | None = None, groups: int = 4,
@@ -231,9 +250,6 @@ def distill_stage(model: nn.Module, ctx: Context, distill: str, teacher: str | N
     kept). Other keys are fit options (epochs, lr, ...) or the method's options (T, alpha,
     beta, pairs, ...).
     """
-    from ..models import create_model
-    from ..models.registry import is_artifact_path
-
     method = distill
     fit_options = {k: params.pop(k) for k in list(params) if k in FIT_ARGS}
     names = method.split("+")
@@ -250,8 +266,7 @@ def distill_stage(model: nn.Module, ctx: Context, distill: str, teacher: str | N
         out.slimkit_history = list(getattr(model, "slimkit_history", []))
         return out
     if teacher is not None:
-        nc = None if is_artifact_path(teacher) else ctx.data.info.num_classes
-        teacher_model = create_model(teacher, num_classes=nc, weights=teacher_weights).to(ctx.device)
+        teacher_model = load_teacher(teacher, teacher_weights, ctx.data.info.num_classes, device=ctx.device)
     elif "moonshine" in names:
         teacher_model = copy.deepcopy(model)
     else:

@@ -154,10 +154,6 @@ def cli_prune(args: argparse.Namespace) -> dict:
     num_classes = None if is_artifact_path(args.model) else (
         args.num_classes or (data.info.num_classes if data else None))
     model = create_model(args.model, num_classes=num_classes, weights=args.weights).cpu().eval()
-    teacher = model
-    if args.teacher:
-        teacher = create_model(args.teacher, num_classes=None if is_artifact_path(args.teacher) else num_classes,
-                               weights=args.teacher_weights).cpu().eval()
     if args.input_size:
         try:
             input_size = tuple(int(v) for v in args.input_size.split(","))
@@ -170,8 +166,12 @@ def cli_prune(args: argparse.Namespace) -> dict:
     if data:  # a model/data mismatch is named here, not deep inside a conv
         sample = next(iter(data.loader("test", 2)))[0]
         check_input(model, sample, data.info.num_classes, f"dataset {args.data}")
-        if teacher is not model:
-            check_input(teacher, sample, data.info.num_classes, f"dataset {args.data} (teacher {args.teacher})")
+    teacher = model  # --teacher implies --finetune-epochs, so --data (checked above)
+    if args.teacher:
+        from ..distill import load_teacher
+
+        teacher = load_teacher(args.teacher, args.teacher_weights, data.info.num_classes, sample=sample,
+                               what=f"dataset {args.data}")
     before = evaluate(model, test_loader) if data else None
 
     kwargs = {}

@@ -435,7 +435,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1
     if mode and criterion_kwargs.get("loader") is None and criterion not in DATA_CRITERIA:  # those say so themselves
         raise SlimkitError(f"prune: weight reconstruction ({mode}) needs data: pass loader=")
     original = copy.deepcopy(model).eval() if target_latency is not None or mode else None
-    timing_reference = latency_reference.eval() if latency_reference is not None else original
+    timing_reference = latency_reference if latency_reference is not None else original  # timed in eval mode
     work = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         macs0, params0 = _profile(work, example_input)
