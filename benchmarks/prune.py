@@ -87,7 +87,7 @@ from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.distill import distill_terms  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.prune import (DATA_CRITERIA, held_out_loader, prune, prune_blocks, sensitivity_ratios,  # noqa: E402
+from slimkit.prune import (criteria_needing_data, held_out_loader, prune, prune_blocks, sensitivity_ratios,  # noqa: E402
                            sparsity_term)
 from slimkit.prune.depth import SCORINGS  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
@@ -172,7 +172,7 @@ def run_variant(name: str, variant: str, base: nn.Module, base_prof, base_top1: 
             start.eval()
             info["sparsity_strength"] = args.sparsity_strength
         kwargs = {"untie_shortcuts": "untied" in flags, "rounding": "ceil" if "ceil" in flags else "floor"}
-        if criterion in DATA_CRITERIA:  # thinet and lasso also run their paper's weight reconstruction (auto)
+        if criterion in criteria_needing_data():  # thinet and lasso also run their paper's weight reconstruction (auto)
             kwargs.update(loader=data.loader("train", args.batch_size, seed=args.seed), batches=args.batches)
         elif criterion == "random":
             kwargs["seed"] = args.seed

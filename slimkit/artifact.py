@@ -150,8 +150,14 @@ def _rebuild(existing: nn.Module | None, node: dict, path: str) -> nn.Module:
                                f"model and is not registered with slimkit.artifact.register_module")
         try:
             module = ser.build(node["config"])
-        except Exception as e:
-            raise SlimkitError(f"cannot rebuild module '{path}' ({node['type']}) from {node['config']}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - a config the type refuses is the file's fault
+            config = json.dumps(node["config"])
+            config = config if len(config) <= 200 else config[:200] + "..."
+            raise SlimkitError(f"cannot rebuild module '{path or '<root>'}' ({node['type']}) from {config}: "
+                               f"{_first_line(e)}") from None
+        if not isinstance(module, nn.Module):
+            raise SlimkitError(f"cannot rebuild module '{path or '<root>'}': {node['type']} built a "
+                               f"{type(module).__name__}")
     wanted = node.get("children", {})
     for name in [n for n in module._modules if n not in wanted]:
         del module._modules[name]
@@ -243,9 +249,111 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
     return path
 
 
+HEADER_KEYS = {"format", "version", "base", "modules", "history", "meta"}
+NODE_KEYS = {"type", "config", "children"}
+MAX_MODULES = 100_000
+MAX_INPUT_VALUES = 1 << 28  # C*H*W of a recorded input size: an example of it is allocated to profile and time
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def check_tree(tree: Any, where: str, path: tuple = ("modules",)) -> dict:
+    """Validate a module tree read from a file: nodes ``{type, config?, children?}``, bounded in count."""
+    from .documents import expect, expect_keys, field_path
+
+    stack, count = [(tree, path)], 0
+    while stack:
+        node, here = stack.pop()
+        count += 1
+        if count > MAX_MODULES:
+            raise SlimkitError(f"{where}: field {field_path(path)}: more than {MAX_MODULES:,} modules")
+        expect(node, dict, where, here)
+        expect_keys(node, NODE_KEYS, where, here, required={"type"})
+        type_name = expect(node["type"], str, where, here + ("type",))
+        if not type_name or len(type_name) > 512:
+            raise SlimkitError(f"{where}: field {field_path(here + ('type',))}: expected a type name")
+        if "config" in node:
+            expect(node["config"], dict, where, here + ("config",))
+        children = expect(node.get("children", {}), dict, where, here + ("children",))
+        for name, child in children.items():
+            if not name or "." in name or len(name) > 256:
+                raise SlimkitError(f"{where}: field {field_path(here + ('children',))}: {name[:80]!r} is not a "
+                                   "module name")
+            stack.append((child, here + ("children", name)))
+    return tree
+
+
+def check_meta(meta: Any, where: str, path: tuple = ("meta",)) -> dict:
+    """Validate the fields of an artifact's ``meta`` that slimkit uses (input size, classes, dataset)."""
+    from .documents import expect, field_path
+
+    expect(meta, dict, where, path)
+    size = meta.get("input_size")
+    if size is not None:
+        here = field_path(path + ("input_size",))
+        if (not isinstance(size, list) or not 1 <= len(size) <= 4
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            raise SlimkitError(f"{where}: field {here}: expected a list of 1-4 positive integers (C, H, W)")
+        total = 1
+        for v in size:
+            total *= v
+        if total > MAX_INPUT_VALUES:
+            raise SlimkitError(f"{where}: field {here}: {size} is larger than any input slimkit allocates")
+    if meta.get("classes") is not None:
+        classes = expect(meta["classes"], list, where, path + ("classes",))
+        for i, c in enumerate(classes):
+            expect(c, str, where, path + ("classes", i))
+    if meta.get("dataset") is not None:
+        expect(meta["dataset"], str, where, path + ("dataset",))
+    return meta
+
+
+def check_header(header: Any, where: str) -> dict:
+    """Validate an artifact's metadata document (schema: module docstring) before any field is used.
+
+    Args:
+        header: the parsed JSON document.
+        where: the file, named in every error.
+
+    Returns:
+        ``header`` itself.
+
+    Raises:
+        SlimkitError: one line naming the file and the first offending field.
+    """
+    from .documents import expect, expect_keys
+    from .models.registry import check_base
+
+    expect(header, dict, where, ())
+    expect_keys(header, HEADER_KEYS, where, (), required={"format", "version", "modules"})
+    version = header.get("version")
+    if header.get("format") != FORMAT or not isinstance(version, int) or isinstance(version, bool):
+        raise SlimkitError(f"{where}: unsupported artifact format {header.get('format')!r} v{version!r}")
+    if not 1 <= version <= VERSION:
+        raise SlimkitError(f"{where}: artifact format v{version} is newer than this slimkit reads (v{VERSION}); "
+                           "upgrade slimkit")
+    if header.get("base") is not None:
+        check_base(header["base"], where)
+    check_tree(header["modules"], where)
+    for i, record in enumerate(expect(header.get("history", []), list, where, ("history",))):
+        expect(record, dict, where, ("history", i))
+    check_meta(header.get("meta", {}), where)
+    return header
+
+
 def read_header(path: str | os.PathLike) -> dict:
-    """The JSON header of an artifact without reading its tensors."""
+    """The validated JSON header of an artifact, without reading its tensors.
+
+    Raises:
+        SlimkitError: the file is absent, not safetensors, has no slimkit metadata, or its
+            metadata breaks the schema or the size limits (:mod:`slimkit.documents`).
+    """
     from safetensors import safe_open
+
+    from .documents import parse_json
 
     path = artifact_file(path)
     if not os.path.isfile(path):
@@ -253,29 +361,59 @@ def read_header(path: str | os.PathLike) -> dict:
     try:
         with safe_open(path, framework="pt") as f:
             text = (f.metadata() or {}).get("slimkit")
-    except Exception as e:
-        raise SlimkitError(f"{path}: not a safetensors file ({e})") from e
+    except Exception as e:  # noqa: BLE001 - whatever safetensors says, the file is not one
+        raise SlimkitError(f"{path}: not a safetensors file ({_first_line(e)})") from None
     if not text:
         raise SlimkitError(f"{path}: a safetensors file without slimkit metadata (use it as --weights instead)")
-    header = json.loads(text)
-    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
-        raise SlimkitError(f"{path}: unsupported artifact format {header.get('format')} v{header.get('version')}")
-    return header
+    return check_header(parse_json(text, f"{path}: header"), path)
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild the model saved by :func:`save`; its outputs equal the saved model's exactly."""
-    from safetensors.torch import load_file
+def load(path: str | os.PathLike, *, trust_code: str | os.PathLike | list[str] | None = None) -> nn.Module:
+    """Rebuild the model saved by :func:`save`; its outputs equal the saved model's exactly.
 
-    from .models import create_model
+    Nothing in the file is executed: the header is validated first, module types come only
+    from ``torch.nn`` and the :data:`MODULES` registry, and a base model built by a Python
+    file runs only if that file is trusted (:mod:`slimkit.trust`).
+
+    Args:
+        path: the artifact, or a folder holding ``model.safetensors``.
+        trust_code: the ``.py`` file(s) that may build the base model (``--trust-code``).
+
+    Returns:
+        The model in eval mode, with ``slimkit_base``, ``slimkit_history`` and ``slimkit_meta``.
+
+    Raises:
+        SlimkitError: one line naming the file (and the field or module) for any problem.
+
+    Example:
+        >>> import os, tempfile, torch, slimkit
+        >>> m = slimkit.create_model("digits_cnn").eval()
+        >>> p = slimkit.save(m, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+        >>> x = torch.randn(2, 1, 8, 8)
+        >>> torch.equal(slimkit.load(p)(x), m(x))
+        True
+    """
+    from .trust import trust_code as trusting
 
     path = artifact_file(path)
+    with trusting(trust_code):
+        try:
+            return _load(path)
+        except SlimkitError as e:
+            raise (e if str(e).startswith(path) or path in str(e) else SlimkitError(f"{path}: {e}")) from None
+        except Exception as e:  # noqa: BLE001 - a file that cannot be loaded is bad input, said in one line
+            raise SlimkitError(f"{path}: cannot load this artifact ({_first_line(e)})") from None
+
+
+def _load(path: str) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from .models.registry import build_base
+
     header = read_header(path)
     base = header.get("base")
-    model = None
-    if base:
-        model = create_model(base["spec"], num_classes=base.get("num_classes"), **base.get("kwargs", {}))
-    model = _rebuild(model, header["modules"], "")
+    built = build_base(base, path) if base else None
+    model = _rebuild(built, header["modules"], "")
     state = load_file(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -287,7 +425,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     if wrong:
         raise SlimkitError(f"{path}: shape mismatch for {wrong[:5]}")
     model.load_state_dict(state)
-    model.slimkit_base = copy.deepcopy(base)
+    # the spec as built: a trusted file stands at its real path, not the one the header recorded
+    model.slimkit_base = copy.deepcopy(built.slimkit_base if built is not None else base)
     model.slimkit_history = header.get("history", [])
     model.slimkit_meta = header.get("meta", {})
     model.eval()

@@ -262,14 +262,25 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a SlimkitError: one line ``slimkit: error: ...`` and exit status 2."""
+
+    def error(self, message: str):
+        raise SlimkitError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimkit", description="Make trained CNNs smaller and faster, measurably.")
+    p = Parser(prog="slimkit", description="Make trained CNNs smaller and faster, measurably.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, help: str) -> argparse.ArgumentParser:
+    def add(name: str, help: str, loads_models: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         sp.add_argument("--threads", type=int, help="torch CPU threads")
+        if loads_models:
+            sp.add_argument("--trust-code", action="append", metavar="PATH.py",
+                            help="let a model spec read from a file (an artifact's base model, a recipe) run this "
+                                 "Python file; repeatable. Without it nothing a file names runs (README: trust model)")
         return sp
 
     def model_args(sp: argparse.ArgumentParser) -> None:
@@ -283,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--batch-size", type=int, default=128)
 
-    sp = add("demo", "train a small CNN on embedded digits and compress it")
+    sp = add("demo", "train a small CNN on embedded digits and compress it", loads_models=False)
     sp.add_argument("--out", default="runs/demo")
     sp = add("train", "train or fine-tune a model")
     model_args(sp)
@@ -329,17 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .trust import trust_code
+
     try:
+        args = build_parser().parse_args(argv)
         _threads(args)
-        result = COMMANDS[args.command](args)
+        with trust_code(getattr(args, "trust_code", None)):
+            result = COMMANDS[args.command](args)
     except SlimkitError as e:
         print(f"slimkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("slimkit: interrupted", file=sys.stderr)
         return 130
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(result, default=str))
     return 0
 

@@ -39,34 +39,85 @@ from .errors import SlimkitError
 from .models import create_model
 from .registry import Registry
 from .train import check_input, evaluate, fit
+from .config import option
+from .train.config import FitConfig
 
-Stage = Callable[..., nn.Module]
-STAGES: Registry[Stage] = Registry("stage")
-RECIPE_KEYS = {"model", "weights", "num_classes", "data", "limit", "seed", "batch_size", "device", "stages",
-               "val_size", "progress"}
+StageFn = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """A registered recipe stage and its facts.
+
+    ``run(model, ctx, config) -> model`` does the work; ``config`` is the :class:`~slimkit.config.MethodConfig`
+    class of its options (a recipe stage's keys, validated when the recipe is loaded); ``paper``
+    cites the method; ``example`` holds options that run in seconds on the digits CNN, used by the
+    contract tests (:mod:`slimkit.testing`) and the generated docs; ``needs_data`` says whether it
+    reads the context's data beyond measuring.
+    """
+
+    name: str
+    run: StageFn
+    config: type
+    paper: str = ""
+    example: dict = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        doc = (self.run.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __call__(self, model: nn.Module, ctx: "Context", config=None, **options) -> nn.Module:
+        """Run the stage with ``config`` or with options that build one (``entry(model, ctx, epochs=2)``)."""
+        if config is None:
+            config = self.config.from_options(options, where=f"{self.name} stage")
+        elif options:
+            raise SlimkitError(f"{self.name} stage: give a config or options, not both")
+        return self.run(model, ctx, config)
+
+
+STAGES: Registry[StageEntry] = Registry("stage")
 
 
 # Modules that register stages when imported; loaded on first lookup so `import slimkit` stays light.
 STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune", "slimkit.distill")
 
 
-def get_stage(name: str) -> Stage:
+def load_stage_modules() -> None:
+    """Import the packages that register stages (a fixed list: nothing is imported by a name read from a file)."""
+    import importlib
+
+    for module in STAGE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def get_stage(name: str) -> StageEntry:
     """The registered stage ``name``, importing the optional stage modules on first use."""
     if name not in STAGES:
-        import importlib
-
-        for module in STAGE_MODULES:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                if e.name != module:
-                    raise
+        load_stage_modules()
     return STAGES.get(name)
 
 
-def register_stage(name: str) -> Callable[[Stage], Stage]:
-    """Register ``fn(model, ctx, **params) -> nn.Module`` as the recipe stage ``name``."""
-    return STAGES.register(name)
+def register_stage(name: str, *, config: type, paper: str = "",
+                   example: dict | None = None) -> Callable[[StageFn], StageFn]:
+    """Register ``fn(model, ctx, config) -> nn.Module`` as the recipe stage ``name`` with its config class.
+
+    Args:
+        name: the recipe's ``method``.
+        config: the :class:`~slimkit.config.MethodConfig` subclass of the stage's options.
+        paper: the method's citation.
+        example: options that run in seconds on the digits CNN (contract tests, docs).
+    """
+
+    def deco(fn: StageFn) -> StageFn:
+        STAGES.register(name)(StageEntry(name, fn, config, paper, dict(example or {})))
+        return fn
+
+    return deco
 
 
 @dataclass
@@ -89,28 +140,83 @@ class Context:
         return path
 
 
-FIT_ARGS = {"epochs", "optimizer", "lr", "weight_decay", "momentum", "schedule", "warmup_epochs",
-            "label_smoothing", "grad_clip"}
+FIT_ARGS = set(FitConfig.field_names())
 
 
-def run_finetune(model: nn.Module, ctx: Context, *, batch_size: int | None = None, extra_losses=None,
-                 **params) -> nn.Module:
-    """Fine-tune with the engine on the context's train split (checkpointed, resumable)."""
-    unknown = set(params) - FIT_ARGS
-    if unknown:
-        raise SlimkitError(f"finetune: unknown option(s) {sorted(unknown)} (known: {sorted(FIT_ARGS)})")
-    params.setdefault("epochs", 1)
-    params.setdefault("lr", 0.01)
+@dataclass(frozen=True)
+class FinetuneConfig(FitConfig):
+    """Fine-tuning after (or as) a stage: :class:`~slimkit.train.config.FitConfig`, optionally as distillation.
+
+    ``distill`` names the distillation method(s) (``kd``, ``at+kd``; :mod:`slimkit.distill`); the
+    teacher is the model as it was before the stage, or ``teacher`` (a model spec or artifact, e.g. a
+    deeper network trained on the same data) with ``teacher_weights``; ``distill_options`` are the
+    method's (``T``, ``alpha``, ...).
+
+    Example:
+        >>> FinetuneConfig(epochs=2, distill="kd").to_dict()["distill"]
+        'kd'
+    """
+
+    family = "finetune"
+
+    distill: str | None = option(None, "fine-tune by distillation from the model before the stage (kd, at, kd+at, ...)")
+    teacher: str | None = option(None, "teacher for --distill instead of the model before the stage: a registered "
+                                       "name or artifact path")
+    teacher_weights: str | None = option(None, "weights file for --teacher")
+    distill_options: dict[str, Any] = option({}, "the distillation method's options (T, alpha, ...)", cli=False)
+
+    def validate(self) -> None:
+        if (self.teacher or self.teacher_weights) and not self.distill:
+            raise self.error("teacher", "goes with {distill}")
+        if self.teacher_weights and not self.teacher:
+            raise self.error("teacher_weights", "needs {teacher}")
+        if self.distill:
+            from .distill import METHODS
+
+            for name in self.distill.split("+"):
+                if name.strip() not in METHODS:
+                    raise self.error("distill", f"unknown method {name.strip()!r} (known: {', '.join(METHODS.names())})")
+
+    @property
+    def fit(self) -> FitConfig:
+        """The training part alone."""
+        return FitConfig(**{k: getattr(self, k) for k in FitConfig.field_names()})
+
+
+def run_finetune(model: nn.Module, ctx: Context, config: FitConfig | None = None, *, batch_size: int | None = None,
+                 extra_losses=None, folder: str = "finetune", **options) -> nn.Module:
+    """Fine-tune with the engine on the context's train split (checkpointed in the stage's ``folder``, resumable).
+
+    ``config`` (or ``options`` building a :class:`FitConfig`) says how; a :class:`FinetuneConfig`
+    with ``distill`` is run as distillation from its ``teacher`` (see :func:`recover`).
+    """
+    config = config if config is not None else FitConfig.from_options(options, where="finetune")
     loader = ctx.data.loader("train", batch_size or ctx.batch_size, seed=ctx.seed)
     fit(model, loader, seed=ctx.seed, device=ctx.device, progress=ctx.progress, extra_losses=extra_losses,
-        checkpoint_dir=ctx.stage_dir("finetune"), **params)
+        checkpoint_dir=ctx.stage_dir(folder), **config.fit_kwargs())
     return model
 
 
-@register_stage("finetune")
-def finetune_stage(model: nn.Module, ctx: Context, **params) -> nn.Module:
-    """Recipe stage: fine-tune the model (options as :func:`slimkit.train.fit`)."""
-    return run_finetune(model, ctx, **params)
+def recover(model: nn.Module, ctx: Context, config: FinetuneConfig, before: nn.Module | None) -> nn.Module:
+    """Fine-tune ``model`` after a stage as ``config`` says: plain, or distilled from ``before`` or ``config.teacher``."""
+    if not config.distill:
+        return run_finetune(model, ctx, config.fit)
+    from .distill import finetune_with_distillation, load_teacher
+
+    if config.teacher:  # another teacher, e.g. a deeper network trained on the same data
+        sample = next(iter(ctx.data.loader("train", 2, shuffle=False, augment=False)))[0]
+        teacher = load_teacher(config.teacher, config.teacher_weights, ctx.data.info.num_classes, sample=sample,
+                               what=f"dataset {ctx.data.spec}", device=ctx.device)
+    else:  # the model as it was before this stage teaches the compressed one (`finetune: {distill: kd}`)
+        teacher = before
+    return finetune_with_distillation(model, ctx, config.distill, teacher, fit_options=config.fit.fit_kwargs(),
+                                      **config.distill_options)
+
+
+@register_stage("finetune", config=FinetuneConfig, paper="", example={"epochs": 1, "lr": 0.01})
+def finetune_stage(model: nn.Module, ctx: Context, config: FinetuneConfig) -> nn.Module:
+    """Fine-tune the model (options as :func:`slimkit.train.fit`; with ``distill`` and ``teacher``, by distillation)."""
+    return recover(model, ctx, config, copy.deepcopy(model).eval() if config.distill and not config.teacher else None)
 
 
 def measure(model: nn.Module, ctx: Context) -> dict:
@@ -126,20 +232,52 @@ def measure(model: nn.Module, ctx: Context) -> dict:
             "test_n": test["n"], "params": prof.params, "macs": prof.macs}
 
 
+MAX_RECIPE_BYTES = 1 << 20
+# top-level recipe keys and the types their values must have
+RECIPE_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "weights": (str, type(None)), "num_classes": (int, type(None)), "data": (str,),
+    "limit": (int, type(None)), "seed": (int,), "batch_size": (int,), "device": (str,), "stages": (list, type(None)),
+    "val_size": (int, float), "progress": (bool,)}
+RECIPE_KEYS = set(RECIPE_TYPES)
+
+
 def load_recipe(path: str) -> dict:
-    """Read and validate a YAML recipe file (``yaml.safe_load``: data only, never objects)."""
+    """Read and validate a YAML recipe file.
+
+    ``yaml.safe_load`` builds plain data only (never objects); the file is at most 1 MiB and the
+    document is walked against :mod:`slimkit.documents`' limits, so an alias bomb or a deeply
+    nested file fails in one line instead of exhausting memory.
+
+    Raises:
+        SlimkitError: missing file, not YAML, out of bounds, or a field of the wrong type.
+    """
+    from .documents import Limits, check_bounds
+
     if not os.path.isfile(path):
         raise SlimkitError(f"recipe not found: {path}")
+    if os.path.getsize(path) > MAX_RECIPE_BYTES:
+        raise SlimkitError(f"{path}: a recipe of {os.path.getsize(path):,} bytes (at most {MAX_RECIPE_BYTES:,})")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             recipe = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise SlimkitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    return validate_recipe(recipe, path)
+        raise SlimkitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise SlimkitError(f"{path}: not a readable YAML recipe ({type(e).__name__})") from None
+    check_bounds(recipe, path, Limits(depth=32, nodes=100_000, string=65_536, items=10_000))
+    return validate_recipe(recipe, path, from_file=True)
 
 
-def validate_recipe(recipe: Any, where: str = "recipe") -> dict:
-    """Check a recipe's keys and stage names up front, so a typo fails before any training."""
+def validate_recipe(recipe: Any, where: str = "recipe", *, from_file: bool = False) -> dict:
+    """Check a recipe's keys, their types and the stage names up front, so a typo fails before any training.
+
+    With ``from_file`` (a recipe read by :func:`load_recipe`), a ``PATH.py:fn`` model or teacher
+    is code the file names: it is refused unless that file is trusted (:mod:`slimkit.trust`). A
+    recipe built in Python by the caller names its code itself.
+    """
+    from .documents import expect, field_path
+    from .models.registry import document_spec
+
     if not isinstance(recipe, dict):
         raise SlimkitError(f"{where}: a recipe is a mapping with keys model, data, stages")
     unknown = set(recipe) - RECIPE_KEYS
@@ -148,25 +286,55 @@ def validate_recipe(recipe: Any, where: str = "recipe") -> dict:
     for key in ("model", "data"):
         if not isinstance(recipe.get(key), str):
             raise SlimkitError(f"{where}: '{key}' must be given as a string")
-    stages = recipe.get("stages") or []
-    if not isinstance(stages, list):
-        raise SlimkitError(f"{where}: 'stages' must be a list")
-    for i, stage in enumerate(stages):
+    for key, types in RECIPE_TYPES.items():
+        if key in recipe:
+            expect(recipe[key], types, where, (key,))
+    if from_file:
+        recipe["model"] = document_spec(recipe["model"], f"{where}: field model")
+    for i, stage in enumerate(recipe.get("stages") or []):
         if not isinstance(stage, dict) or "method" not in stage:
             raise SlimkitError(f"{where}: stage {i + 1} must be a mapping with a 'method'")
-        get_stage(stage["method"])
-        if "finetune" in stage and not isinstance(stage["finetune"], dict):
-            raise SlimkitError(f"{where}: stage {i + 1} 'finetune' must be a mapping of fit options")
+        expect(stage["method"], str, where, ("stages", i, "method"))
+        for holder, path in ((stage, ("stages", i)), (stage.get("finetune") or {}, ("stages", i, "finetune"))):
+            if from_file and isinstance(holder, dict) and isinstance(holder.get("teacher"), str):
+                # a model spec inside the file: code only if trusted
+                holder["teacher"] = document_spec(holder["teacher"], f"{where}: field {field_path(path + ('teacher',))}")
+        stage_configs(stage, i + 1, where)
     return recipe
 
 
+def stage_configs(stage: dict, index: int, where: str = "recipe") -> tuple[StageEntry, Any, FinetuneConfig | None]:
+    """The stage entry, its validated config and its recovery config (``finetune:``) for one recipe stage.
+
+    Raises:
+        SlimkitError: ``stage 2 (prune): unknown option 'target_mac' (did you mean 'target_macs'?)``.
+    """
+    entry = get_stage(stage["method"])
+    label = f"stage {index} ({stage['method']})"
+    prefix = "" if where == "recipe" else f"{where}: "
+    options = {k: v for k, v in stage.items() if k not in ("method", "finetune")}
+    config = entry.config.from_options(options, where=prefix + label)
+    recovery = stage.get("finetune")
+    if recovery is not None and not isinstance(recovery, dict):
+        raise SlimkitError(f"{prefix}{label}: 'finetune' must be a mapping of fit options")
+    recovery = FinetuneConfig.from_options(recovery, where=prefix + label, path="finetune.") if recovery else None
+    return entry, config, recovery
+
+
 def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, trust_code: str | list[str] | None = None) -> dict:
     """Run a recipe end to end; write ``model.safetensors`` and ``report.json`` to ``out_dir``.
 
     Returns the report: the metrics before any stage and after each stage, the artifact path
-    and its size on disk.
+    and its size on disk. ``trust_code``: the ``.py`` files a model spec of the recipe may run.
     """
+    from .trust import trust_code as trusting
+
+    with trusting(trust_code):
+        return _run_recipe(recipe, out_dir, progress, log)
+
+
+def _run_recipe(recipe: dict, out_dir: str, progress: bool | None, log: Callable[[str], None]) -> dict:
     recipe = validate_recipe(copy.deepcopy(recipe))
     seed = int(recipe.get("seed", 0))
     data = load_data(recipe["data"], limit=recipe.get("limit"), seed=seed, val_size=recipe.get("val_size", 0.1))
@@ -182,37 +350,22 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
     steps = [{"stage": "input", "params": {}, "seconds": 0.0, "metrics": measure(model, ctx)}]
     log(f"input: {_fmt(steps[0]['metrics'])}")
     for i, stage in enumerate(recipe.get("stages") or [], start=1):
-        params = {k: v for k, v in stage.items() if k not in ("method", "finetune")}
+        entry, config, recovery = stage_configs(stage, i)
         ctx.stage_index, ctx.details = i, {}
         t0 = time.perf_counter()
-        recovery = dict(stage.get("finetune") or {})
-        distill = recovery.pop("distill", None)
-        spec, spec_weights = recovery.pop("teacher", None), recovery.pop("teacher_weights", None)
-        if (spec or spec_weights) and not distill:
-            raise SlimkitError(f"stage {i} ({stage['method']}): finetune.teacher goes with finetune.distill")
-        if spec:  # another teacher, e.g. a deeper network trained on the same data
-            from .distill import load_teacher
-
-            teacher = load_teacher(spec, spec_weights, data.info.num_classes, sample=x,
-                                   what=f"dataset {recipe['data']}", device=ctx.device)
-        else:  # the model as it was before this stage teaches the compressed one (`finetune: {distill: kd}`)
-            teacher = copy.deepcopy(model) if distill else None
-        model = get_stage(stage["method"])(model, ctx, **params)
-        if distill:
-            from .distill import finetune_with_distillation
-
-            opts = recovery.pop("distill_options", {})
-            model = finetune_with_distillation(model, ctx, distill, teacher, fit_options=recovery, **opts)
-        elif recovery:
-            model = run_finetune(model, ctx, **recovery)
+        before = copy.deepcopy(model) if recovery is not None and recovery.distill and not recovery.teacher else None
+        model = entry.run(model, ctx, config)
+        if recovery is not None:
+            model = recover(model, ctx, recovery, before)
         metrics = measure(model, ctx)
-        record = {"stage": stage["method"], "params": params, "finetune": stage.get("finetune"),
+        record = {"stage": entry.name, "params": config.to_dict(),
+                  "finetune": recovery.to_dict() if recovery is not None else None,
                   "seconds": time.perf_counter() - t0, "metrics": metrics}
         if ctx.details:
             record["details"] = ctx.details
         history(model).append(record)
         steps.append(record)
-        log(f"{i}. {stage['method']}: {_fmt(metrics)}")
+        log(f"{i}. {entry.name}: {_fmt(metrics)}")
 
     artifact = os.path.join(out_dir, "model.safetensors")
     save(model, artifact, meta={"dataset": recipe["data"], "input_size": list(data.info.input_size),

@@ -38,9 +38,17 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._items[name]
-        except KeyError:
-            known = ", ".join(sorted(self._items)) or "none"
-            raise SlimkitError(f"unknown {self.kind} {name!r} (known: {known})") from None
+        except (KeyError, TypeError):
+            raise SlimkitError(self.unknown(name)) from None
+
+    def unknown(self, name: object) -> str:
+        """The message for a name that is not registered: the close match, if any, and every known name."""
+        import difflib
+
+        known = ", ".join(sorted(self._items)) or "none"
+        close = difflib.get_close_matches(str(name), list(self._items), 1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown {self.kind} {name!r} (known: {known}){hint}"
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -309,14 +309,14 @@ def test_one_and_moonshine_stages(tmp_path):
     torch.manual_seed(0)
     model = slimkit.create_model("resnet20")
     ctx = _tiny_cifar_context(tmp_path)
-    out = stage(model, ctx, "one", branches=2, epochs=1, lr=0.01, T=3.0)
+    out = stage(model, ctx, distill="one", branches=2, epochs=1, lr=0.01, T=3.0)
     assert type(out).__name__ == "CifarResNet" and len(ctx.details["branch_top1"]) == 2
     assert ctx.details["kept_branch"] == max(range(2), key=ctx.details["branch_top1"].__getitem__)
     assert not torch.equal(out.layer1[0].conv1.weight, model.layer1[0].conv1.weight)  # it was trained
     ctx.details = {}
     ctx.stage_index = 2
     before = sum(p.numel() for p in out.parameters())
-    cheap = stage(out, ctx, "moonshine", groups=4, epochs=1, lr=0.01)
+    cheap = stage(out, ctx, distill="moonshine", groups=4, epochs=1, lr=0.01)
     assert len(ctx.details["moonshine"]["replaced"]) == 18
     assert sum(p.numel() for p in cheap.parameters()) < 0.4 * before
 

@@ -12,7 +12,7 @@ import slimkit
 from slimkit.errors import SlimkitError
 from slimkit.prune import (
     CRITERIA,
-    DATA_CRITERIA,
+    criteria_needing_data,
     build_graph,
     compute_importance,
     prune,
@@ -78,7 +78,7 @@ def _quiet_prune(*args, **kwargs):
 def test_registered_and_marked_data_driven():
     for name in ("thinet", "lasso", "dcp", "ssl"):
         assert name in CRITERIA
-    assert {"taylor", "thinet", "lasso", "dcp"} <= DATA_CRITERIA and "ssl" not in DATA_CRITERIA
+    assert {"taylor", "thinet", "lasso", "dcp"} <= criteria_needing_data() and "ssl" not in criteria_needing_data()
     assert reconstruct_mode("thinet") == "scale" and reconstruct_mode("lasso") == "full"
     assert reconstruct_mode("dcp") is None and reconstruct_mode("l1", True) == "full"
     assert reconstruct_mode("thinet", "none") is None and reconstruct_mode("l1", "scale") == "scale"
@@ -377,7 +377,7 @@ def test_reconstruction_on_resnet20_sampled_positions():
 def test_prune_resnet20_with_each_criterion(name):
     model = slimkit.create_model("resnet20").eval()
     data = _batches(n=2, bs=8, shape=(3, 32, 32), classes=10)
-    kw = {"loader": data, "batches": 2} if name in DATA_CRITERIA else {}
+    kw = {"loader": data, "batches": 2} if name in criteria_needing_data() else {}
     r = _quiet_prune(model, torch.zeros(1, 3, 32, 32), criterion=name, target_macs=0.6, **kw)
     assert r.macs_after <= 0.6 * r.macs_before and r.kept
     with torch.no_grad():

@@ -158,7 +158,7 @@ def test_errors_name_the_problem():
         prune_blocks(create_model("digits_cnn"), torch.zeros(1, 1, 8, 8), data, count=1)
     with pytest.raises(SlimkitError, match="no batches"):
         prune_blocks(model, X1, [], count=1)
-    with pytest.raises(SlimkitError, match="scoring must be one of greedy, lazy, once, got 'fast'"):
+    with pytest.raises(SlimkitError, match="scoring: must be one of greedy, lazy, once, got 'fast'"):
         prune_blocks(model, X1, data, count=1, scoring="fast")
     r = prune_blocks(model, X1, data, count=2, protected=["blocks.1", "blocks.3"])
     assert r.removed == ["blocks.4", r.removed[1]] and r.removed[1] not in ("blocks.1", "blocks.3")

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
-from ..pipeline import FIT_ARGS, Context, register_stage
+from ..pipeline import Context, register_stage
+from ..train.config import FitConfig
+from .config import DistillConfig
 from ..train.engine import Batch, LossTerm
 from .features import FeatureTap, Pair, Teacher, freeze, pair_features, stages
 from .losses import at_loss, attention_map, factor_loss, fsp_loss, fsp_matrix, kd_loss, logit_mse, one_loss
@@ -33,7 +35,7 @@ from .moonshine import moonshine_student
 from .munge import TensorLoader, munge, munge_loader
 from .one import OneNetwork
 
-__all__ = ["METHODS", "AUX", "best_branch", "load_teacher", "training_loader", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
+__all__ = ["DistillConfig", "METHODS", "AUX", "best_branch", "load_teacher", "training_loader", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
            "TensorLoader", "at_loss", "attention_map", "distill_stage", "distill_terms", "factor_loss",
            "finetune_with_distillation", "freeze", "fsp_loss", "fsp_matrix", "kd_loss", "logit_mse", "moonshine_student",
            "munge", "munge_loader", "one_loss", "pair_features", "register_method", "stages"]
@@ -173,12 +175,7 @@ def finetune_with_distillation(model: nn.Module, ctx: Context, method: str, teac
     """
     from ..train import fit
 
-    fit_options = dict(fit_options or {})
-    unknown = set(fit_options) - FIT_ARGS
-    if unknown:
-        raise SlimkitError(f"distill: unknown fit option(s) {sorted(unknown)} (known: {sorted(FIT_ARGS)})")
-    fit_options.setdefault("epochs", 1)
-    fit_options.setdefault("lr", 0.01)
+    fit_options = FitConfig.from_options(fit_options, where="distill").fit_kwargs()
     example = next(iter(ctx.data.loader("train", 2, shuffle=False, augment=False)))[0].to(ctx.device)
     loader = training_loader(method, teacher, ctx.data, batch_size or ctx.batch_size, ctx.seed, opts)
     with distill_terms(method, teacher, model, example, **opts) as terms:
@@ -234,11 +231,11 @@ def load_teacher(spec: str, weights: str | None, num_classes: int, *, sample: to
     return model
 
 
-@register_stage("distill")
-def distill_stage(model: nn.Module, ctx: Context, distill: str, teacher: str | None = None,
-                  teacher_weights: str | None = None, batch_size: int | None = None, groups: int = 4,
-                  init: str = "teacher", branches: int = 3, **params) -> nn.Module:
-    """Recipe stage: fine-tune the current model with the distillation method ``distill`` (see :func:`distill_terms`).
+@register_stage("distill", config=DistillConfig,
+                paper="Hinton et al. 2015; Romero et al. 2015; Zagoruyko & Komodakis 2017; Lan et al. 2018; ...",
+                example={"distill": "kd", "teacher": "digits_cnn", "epochs": 1, "lr": 0.01})
+def distill_stage(model: nn.Module, ctx: Context, config: DistillConfig) -> nn.Module:
+    """Fine-tune the current model with the distillation method ``distill`` (see :func:`distill_terms`).
 
     The key is ``distill``, not ``method``, because the recipe's ``method`` names the stage
     itself (as ``transform:`` does for the transform stage): ``{method: distill, distill: kd,
@@ -250,29 +247,26 @@ def distill_stage(model: nn.Module, ctx: Context, distill: str, teacher: str | N
     kept). Other keys are fit options (epochs, lr, ...) or the method's options (T, alpha,
     beta, pairs, ...).
     """
-    method = distill
-    fit_options = {k: params.pop(k) for k in list(params) if k in FIT_ARGS}
-    names = method.split("+")
-    for n in names:
-        METHODS.get(n)
+    method, names, params = config.distill, config.names, dict(config.options)
+    fit_options = config.fit.fit_kwargs()
     if "one" in names:
-        if names != ["one"]:
-            raise SlimkitError("distill: 'one' is its own teacher and does not combine with other methods")
-        net = OneNetwork.from_model(model, branches)
-        finetune_with_distillation(net, ctx, "one", None, batch_size=batch_size, fit_options=fit_options, **params)
+        net = OneNetwork.from_model(model, config.branches)
+        finetune_with_distillation(net, ctx, "one", None, batch_size=config.batch_size, fit_options=fit_options,
+                                   **params)
         best, scores = best_branch(net, ctx.data, ctx.batch_size, ctx.device)
-        ctx.details.update({"branches": branches, "branch_top1": scores, "kept_branch": best})
+        ctx.details.update({"branches": config.branches, "branch_top1": scores, "kept_branch": best})
         out = net.extract(best)
         out.slimkit_history = list(getattr(model, "slimkit_history", []))
         return out
-    if teacher is not None:
-        teacher_model = load_teacher(teacher, teacher_weights, ctx.data.info.num_classes, device=ctx.device)
+    if config.teacher is not None:
+        teacher_model = load_teacher(config.teacher, config.teacher_weights, ctx.data.info.num_classes,
+                                     device=ctx.device)
     elif "moonshine" in names:
         teacher_model = copy.deepcopy(model)
     else:
         raise SlimkitError(f"distill stage with method {method!r} needs 'teacher' (a model spec or artifact path)")
     if "moonshine" in names:
-        model = moonshine_student(teacher_model if teacher is not None else model, groups, init)
+        model = moonshine_student(teacher_model if config.teacher is not None else model, config.groups, config.init)
         ctx.details["moonshine"] = model.slimkit_last_moonshine
-    return finetune_with_distillation(model, ctx, method, teacher_model, batch_size=batch_size,
+    return finetune_with_distillation(model, ctx, method, teacher_model, batch_size=config.batch_size,
                                       fit_options=fit_options, **params)

@@ -9,41 +9,37 @@ import argparse
 import json
 import os
 
-from ..cli import logger, parse_options
+from ..cli import logger
 from ..errors import SlimkitError
+
+
+def command_configs() -> dict[str, tuple[type, dict]]:
+    """The configs ``slimkit distill`` turns into flags, with how: ``{key: (class, add_arguments options)}``."""
+    from ..train.config import FitConfig
+    from .config import DistillConfig
+
+    return {"distill": (DistillConfig, {"title": "distillation", "required": ("distill",)}),
+            "fit": (FitConfig, {"title": "training", "defaults": {"lr": 0.05}})}
 
 
 def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of ``slimkit distill --teacher MODEL --student MODEL --method NAME --data SPEC --out DIR``.
 
-    Method options are ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as
-    text), e.g. ``--opt T=4 --opt alpha=0.9``.
+    The method flags come from :class:`~slimkit.distill.config.DistillConfig` and the training
+    flags from :class:`~slimkit.train.config.FitConfig`. Method options are ``--opt KEY=VALUE``
+    (repeatable; values parsed as JSON, else kept as text), e.g. ``--opt T=4 --opt alpha=0.9``.
     """
-    from .methods import METHODS
-
-    parser.add_argument("--teacher", help="teacher: registered name, torchvision:NAME, file.py:fn or an artifact "
-                                          "(not needed for --method one; moonshine derives the student from it)")
-    parser.add_argument("--teacher-weights", help="state_dict / checkpoint / safetensors file for the teacher")
     parser.add_argument("--student", help="student model spec (for moonshine: the model to make cheap, default "
                                           "the teacher; for one: the CIFAR ResNet to branch)")
     parser.add_argument("--student-weights", help="weights to start the student from")
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS.names())}, or several joined "
-                                                        "by '+' (e.g. at+kd)")
-    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    for cls, how in command_configs().values():
+        cls.add_arguments(parser, **how)
     parser.add_argument("--data", required=True, help="digits, cifar10:PATH or imagefolder:PATH")
     parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--optimizer", default="sgd")
-    parser.add_argument("--schedule", default="cosine")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--groups", type=int, default=4, help="moonshine: groups of the cheap convolutions")
-    parser.add_argument("--branches", type=int, default=3, help="one: number of branches")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     return parser
-
 
 
 def cli_distill(args: argparse.Namespace) -> dict:
@@ -64,15 +60,18 @@ def cli_distill(args: argparse.Namespace) -> dict:
     from ..models import create_model
     from ..models.registry import is_artifact_path
     from ..train import check_input, evaluate, fit
-    from . import METHODS, OneNetwork, best_branch, distill_terms, moonshine_student, training_loader
+    from . import OneNetwork, best_branch, distill_terms, moonshine_student, training_loader
 
+    from ..train.config import FitConfig
+    from .config import DistillConfig
+
+    config = DistillConfig.from_args(args, fit=FitConfig.from_args(args))
     log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    names = args.method.split("+")
-    for n in names:
-        METHODS.get(n)
-    opts = parse_options(args.opt)
+    names = config.names
+    opts = dict(config.options)
+    method = config.distill
     data = load(args.data, limit=args.limit, seed=args.seed)
     nc = data.info.num_classes
     what = f"dataset {args.data}"
@@ -86,35 +85,34 @@ def cli_distill(args: argparse.Namespace) -> dict:
     if "one" in names:
         if names != ["one"]:
             raise SlimkitError("--method one is its own teacher and does not combine with other methods")
-        spec = args.student or args.teacher
+        spec = args.student or config.teacher
         if not spec:
             raise SlimkitError("--method one needs --student (a CIFAR ResNet spec such as resnet20)")
         base = build(spec, args.student_weights)
         check_input(base, example, nc, what)
-        student = OneNetwork.from_model(base, args.branches) if args.student_weights else \
-            OneNetwork(spec, args.branches, num_classes=None if is_artifact_path(spec) else nc, base=base)
+        student = OneNetwork.from_model(base, config.branches) if args.student_weights else \
+            OneNetwork(spec, config.branches, num_classes=None if is_artifact_path(spec) else nc, base=base)
     else:
-        if not args.teacher:
-            raise SlimkitError(f"--method {args.method} needs --teacher")
-        teacher = build(args.teacher, args.teacher_weights)
+        if not config.teacher:
+            raise SlimkitError(f"--method {method} needs --teacher")
+        teacher = build(config.teacher, config.teacher_weights)
         check_input(teacher, example, nc, what)
         teacher_test = evaluate(teacher, test_loader)
         if "moonshine" in names:
             source = build(args.student, args.student_weights) if args.student else teacher
-            student = moonshine_student(source, args.groups, opts.pop("init", "teacher"))
+            student = moonshine_student(source, config.groups, config.init)
         else:
             if not args.student:
-                raise SlimkitError(f"--method {args.method} needs --student")
+                raise SlimkitError(f"--method {method} needs --student")
             student = build(args.student, args.student_weights)
         check_input(student, example, nc, what)
 
-    loader = training_loader(args.method, teacher, data, args.batch_size, args.seed, opts)
-    with distill_terms(args.method, teacher, student, example, **opts) as terms:
-        run = fit(student, loader, epochs=args.epochs, val=data.loader("val", args.batch_size) if len(data.val) else None,
-                  optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+    loader = training_loader(method, teacher, data, args.batch_size, args.seed, opts)
+    with distill_terms(method, teacher, student, example, **opts) as terms:
+        run = fit(student, loader, val=data.loader("val", args.batch_size) if len(data.val) else None,
                   seed=args.seed, extra_losses=terms, checkpoint_dir=os.path.join(args.out, "checkpoints"),
-                  progress=not args.json)
-    result: dict = {"method": args.method, "teacher": args.teacher, "student": args.student, "epochs": run.epochs}
+                  progress=not args.json, **config.fit.fit_kwargs())
+    result: dict = {"method": method, "teacher": config.teacher, "student": args.student, "epochs": run.epochs}
     if "one" in names:
         result["ensemble_test"] = evaluate(student, test_loader)
         best, scores = best_branch(student, data, args.batch_size)
@@ -124,9 +122,7 @@ def cli_distill(args: argparse.Namespace) -> dict:
     if "moonshine" in names:
         result["moonshine"] = student.slimkit_last_moonshine
     student_test = evaluate(student, test_loader)
-    params = {"method": args.method, "teacher": args.teacher, "teacher_weights": args.teacher_weights,
-              "epochs": args.epochs, "lr": args.lr, **{k: v for k, v in opts.items() if k != "loader"}}
-    history(student).append({"stage": "distill", "params": params,
+    history(student).append({"stage": "distill", "params": config.to_dict(), "student": args.student,
                              "metrics": {"test_top1": student_test["top1"],
                                          "teacher_test_top1": teacher_test["top1"] if teacher_test else None}})
     path = save(student, os.path.join(args.out, "model.safetensors"),
@@ -138,5 +134,5 @@ def cli_distill(args: argparse.Namespace) -> dict:
                   student_params=sum(p.numel() for p in student.parameters()))
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2, default=str))
     t = f"{teacher_test['top1']:.4f}" if teacher_test else "-"
-    log(f"{args.method}: teacher test top1 {t}, student test top1 {student_test['top1']:.4f}; wrote {path}")
+    log(f"{method}: teacher test top1 {t}, student test top1 {student_test['top1']:.4f}; wrote {path}")
     return result

@@ -5,8 +5,11 @@ A model spec is one of:
 * a registered name (``resnet20``, ``digits_cnn``, ...), registered with :func:`register_model`;
 * ``torchvision:NAME``: any torchvision classification model, built without downloading weights;
 * ``path/to/file.py:fn``: a user's own builder function (called with ``num_classes`` when it
-  accepts it);
+  accepts it). Typed by the user it runs; read from a file (an artifact's base, a recipe) it
+  runs only when that file is trusted (:mod:`slimkit.trust`);
 * the path of a slimkit artifact (see :mod:`slimkit.artifact`), loaded as saved.
+
+Families reached by a prefix (``torchvision:``) are registered in :data:`PREFIXES`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,19 +80,65 @@ def _torchvision(name: str, num_classes: int | None, **kwargs) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
+def _torchvision_signature(name: str) -> Callable[..., nn.Module]:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_builder(name)
+    except ValueError:
+        return _torchvision
+
+
+@dataclass(frozen=True)
+class PrefixEntry:
+    """A family of models reached as ``PREFIX:NAME`` (``torchvision:resnet18``): how to build one, and its signature."""
+
+    build: Callable[..., nn.Module]  # (name, num_classes, **kwargs) -> model
+    signature: Callable[[str], Callable[..., nn.Module]]  # name -> the function whose parameters the kwargs must fit
+
+
+PREFIXES: Registry[PrefixEntry] = Registry("model family prefix")
+PREFIXES.register("torchvision")(PrefixEntry(_torchvision, _torchvision_signature))
+
+
+def _user_module_name(path: str) -> str:
+    """A module name for a user's model file that is the same in every process.
+
+    The classes defined in the file are recorded in artifacts by ``module.qualname``, so the
+    name must not depend on anything per-process (it once held Python's salted ``hash()``, and
+    an artifact of a pruned user model never loaded again). It is the file's name, made an
+    identifier; a different file of the same name in the same process gets a numbered suffix.
+    """
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]) or "model"
+    base, n = f"slimkit_user_{stem}", 1
+    name = base
+    while name in sys.modules and os.path.realpath(getattr(sys.modules[name], "__file__", "") or "") != path:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _import_file(path: str) -> ModuleType:
+    path = os.path.realpath(path)
+    name = _user_module_name(path)
+    if name in sys.modules:  # the same file again in this process: same classes, code not run twice
+        return sys.modules[name]
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise SlimkitError(f"{path}: importing the model file failed: {type(e).__name__}: {e}") from e
+    return module
+
+
 def _from_file(spec: str, num_classes: int | None, **kwargs) -> nn.Module:
     path, _, fn_name = spec.rpartition(":")
     if not os.path.isfile(path):
         raise SlimkitError(f"model file not found: {path}")
-    mod_name = f"slimkit_user_{abs(hash(os.path.abspath(path)))}"
-    mod_spec = importlib.util.spec_from_file_location(mod_name, path)
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as e:
-        raise SlimkitError(f"{path}: importing the model file failed: {type(e).__name__}: {e}") from e
-    fn = getattr(module, fn_name, None)
+    fn = getattr(_import_file(path), fn_name, None)
     if not callable(fn):
         raise SlimkitError(f"{path} has no function {fn_name!r}")
     params = inspect.signature(fn).parameters
@@ -100,39 +152,169 @@ def _from_file(spec: str, num_classes: int | None, **kwargs) -> nn.Module:
     return model
 
 
+def is_file_spec(spec: str) -> bool:
+    """Whether a model spec names a builder function in a Python file (``PATH.py:fn``), i.e. code."""
+    return ":" in spec and spec.rpartition(":")[0].endswith(".py") and spec.split(":", 1)[0] not in PREFIXES
+
+
 def _normalise_spec(spec: str) -> str:
     """File specs are stored with an absolute path so artifacts load from any directory."""
-    if not spec.startswith("torchvision:") and ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+    if is_file_spec(spec):
         path, _, fn = spec.rpartition(":")
         return f"{os.path.abspath(path)}:{fn}"
     return spec
 
 
-def create_model(spec: str, num_classes: int | None = None, weights: str | None = None, **kwargs) -> nn.Module:
-    """Build a model from a spec string and optionally load weights (see module docstring).
+def _builder(spec: str) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """(function to call with ``num_classes`` and kwargs, function whose signature the kwargs must fit)."""
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in PREFIXES:
+        entry = PREFIXES.get(prefix)
+        return (lambda num_classes=None, **kw: entry.build(rest, num_classes, **kw)), entry.signature(rest)
+    entry = MODELS.get(spec)
+    return (lambda num_classes=None, **kw: entry.build(num_classes=num_classes or entry.num_classes, **kw)), entry.build
 
-    The built model remembers its spec (``model.slimkit_base``) so :func:`slimkit.save` can
-    write an artifact that rebuilds it, and ``weights`` accepts anything :func:`load_weights`
-    does.
+
+def create_model(spec: str, num_classes: int | None = None, weights: str | None = None, *,
+                 trust_code: str | os.PathLike | list[str] | None = None, **kwargs) -> nn.Module:
+    """Build a model from a spec string and optionally load weights (timm's ``create_model`` verb).
+
+    The built model remembers its spec (``model.slimkit_base``) so :func:`slimkit.save` can write
+    an artifact that rebuilds it.
+
+    Args:
+        spec: a registered name (``resnet20``), ``torchvision:NAME``, ``PATH.py:fn`` (your own
+            builder; you name the file, so it runs) or an artifact path (loaded as saved).
+        num_classes: classifier width; default the registered model's own. Ignored for artifacts.
+        weights: a state_dict, checkpoint or safetensors file (see :func:`load_weights`).
+        trust_code: for an artifact whose base model is built by a Python file, that file (see
+            :mod:`slimkit.trust`); nothing a file names runs without it.
+        **kwargs: the builder's own arguments.
+
+    Returns:
+        The model (training mode as built; an artifact in eval mode).
+
+    Raises:
+        SlimkitError: unknown name, missing file, weights that do not fit, untrusted code.
+
+    Example:
+        >>> import slimkit
+        >>> m = slimkit.create_model("resnet20", num_classes=10)   # He et al., CVPR 2016
+        >>> m.slimkit_base["spec"], sum(p.numel() for p in m.parameters())
+        ('resnet20', 272474)
     """
+    from ..trust import trust_code as trusting
+
     if not isinstance(spec, str) or not spec:
         raise SlimkitError(f"model spec must be a non-empty string, got {spec!r}")
-    if is_artifact_path(spec):
-        from ..artifact import load
+    with trusting(trust_code):
+        if is_artifact_path(spec):
+            from ..artifact import load
 
-        model = load(spec)
-    else:
-        spec = _normalise_spec(spec)
-        if spec.startswith("torchvision:"):
-            model = _torchvision(spec.split(":", 1)[1], num_classes, **kwargs)
-        elif ":" in spec and spec.rpartition(":")[0].endswith(".py"):
-            model = _from_file(spec, num_classes, **kwargs)
+            model = load(spec)
         else:
-            entry = MODELS.get(spec)
-            model = entry.build(num_classes=num_classes or entry.num_classes, **kwargs)
-        model.slimkit_base = {"spec": spec, "num_classes": num_classes, "kwargs": kwargs}
-    if weights:
-        load_weights(model, weights)
+            spec = _normalise_spec(spec)
+            if is_file_spec(spec):
+                model = _from_file(spec, num_classes, **kwargs)
+            else:
+                build, _ = _builder(spec)
+                model = build(num_classes=num_classes, **kwargs)
+            model.slimkit_base = {"spec": spec, "num_classes": num_classes, "kwargs": kwargs}
+        if weights:
+            load_weights(model, weights)
+    return model
+
+
+def document_spec(spec: str, where: str) -> str:
+    """A model spec read from a file (a recipe's ``model`` or teacher): a ``PATH.py:fn`` spec only if trusted.
+
+    Returns the spec to build: unchanged, or with the trusted file's path (:mod:`slimkit.trust`).
+    """
+    from ..trust import refuse, trusted_file
+
+    if not is_file_spec(spec):
+        return spec
+    recorded, _, fn = spec.rpartition(":")
+    trusted = trusted_file(recorded)
+    if trusted is None:
+        raise refuse(recorded, fn, where)
+    return f"{trusted}:{fn}"
+
+
+BASE_KEYS = {"spec", "num_classes", "kwargs"}
+# builder arguments a file may not set: weights would download, num_classes has its own field
+_RESERVED_KWARGS = {"weights", "pretrained", "progress", "num_classes", "pretrained_cfg", "checkpoint_path"}
+
+
+def check_base(base: Any, where: str, path: tuple = ("base",)) -> dict:
+    """Validate a base-model record read from a file: ``{spec, num_classes, kwargs}`` with JSON-flat kwargs."""
+    from ..documents import expect, expect_flat, expect_keys, field_path
+
+    expect(base, dict, where, path)
+    expect_keys(base, BASE_KEYS, where, path, required={"spec"})
+    spec = expect(base["spec"], str, where, path + ("spec",))
+    if not spec or len(spec) > 4096:
+        raise SlimkitError(f"{where}: field {field_path(path + ('spec',))}: expected a model spec of 1-4096 characters")
+    nc = expect(base.get("num_classes"), (int, type(None)), where, path + ("num_classes",))
+    if nc is not None and not 1 <= nc <= 1_000_000:
+        raise SlimkitError(f"{where}: field {field_path(path + ('num_classes',))}: {nc} is not a class count")
+    kwargs = expect(base.get("kwargs") or {}, dict, where, path + ("kwargs",))
+    for k, v in kwargs.items():
+        if k in _RESERVED_KWARGS or not k.isidentifier():
+            raise SlimkitError(f"{where}: field {field_path(path + ('kwargs', k))}: a file may not set {k!r}")
+        expect_flat(v, where, path + ("kwargs", k))
+    return base
+
+
+def build_base(base: Any, where: str, path: tuple = ("base",)) -> nn.Module:
+    """Build the base model recorded in a file (an artifact header, a quantized model's record).
+
+    Unlike :func:`create_model`, the spec came from a file, not from the user: it must be a
+    registered name or a registered family (``torchvision:NAME``); a ``PATH.py:fn`` spec runs
+    only if that file is trusted (:mod:`slimkit.trust`), and then the trusted file runs. The
+    keyword arguments must fit the builder's signature. Every failure is one SlimkitError
+    naming ``where`` and the field.
+    """
+    from ..documents import field_path
+    from ..trust import refuse, trusted_file
+
+    base = check_base(base, where, path)
+    spec, num_classes, kwargs = base["spec"], base.get("num_classes"), dict(base.get("kwargs") or {})
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    here = field_path(path + ("spec",))
+    if is_artifact_path(spec):
+        raise SlimkitError(f"{where}: field {here}: names another artifact ({spec}); a base model is a registered "
+                           "name, a torchvision:NAME or a trusted PATH.py:fn")
+    if is_file_spec(spec):
+        recorded, _, fn = spec.rpartition(":")
+        if not fn.isidentifier():
+            raise SlimkitError(f"{where}: field {here}: {fn!r} is not a function name")
+        trusted = trusted_file(recorded)
+        if trusted is None:
+            raise refuse(recorded, fn, where)
+        spec, call = f"{trusted}:{fn}", None
+    else:
+        try:
+            call, signature_of = _builder(spec)
+        except SlimkitError as e:
+            raise SlimkitError(f"{where}: field {here}: {e}") from None
+        params = inspect.signature(signature_of).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(kwargs) - set(params))
+            if unknown:
+                raise SlimkitError(f"{where}: field {field_path(path + ('kwargs',))}: {spec} takes no argument "
+                                   f"{', '.join(map(repr, unknown))} (it takes: "
+                                   f"{', '.join(n for n in params if n != 'num_classes') or 'none'})")
+    try:
+        model = _from_file(spec, num_classes, **kwargs) if call is None else call(num_classes=num_classes, **kwargs)
+    except SlimkitError:
+        raise
+    except Exception as e:  # the builder refused these arguments: the file's fault, said in one line
+        raise SlimkitError(f"{where}: field {field_path(path)}: building {spec} failed: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    if not isinstance(model, nn.Module):
+        raise SlimkitError(f"{where}: field {here}: {spec} built a {type(model).__name__}, not a torch.nn.Module")
+    model.slimkit_base = {"spec": spec, "num_classes": num_classes, "kwargs": dict(base.get("kwargs") or {})}
     return model
 
 

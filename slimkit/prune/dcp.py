@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import ChannelGraph, LayerRecord
-from .importance import CRITERIA, DATA_CRITERIA, _mean_over_members
+from .importance import _mean_over_members, register_criterion
 from .reconstruct import _consumers, _modules_eval, _run, _take
 
 __all__ = ["dcp_importance"]
 
-DATA_CRITERIA.add("dcp")
 
 
 def _stage_ends(model: nn.Module, x: torch.Tensor, consumers: list[LayerRecord]) -> tuple[dict, int]:
@@ -83,7 +82,8 @@ def _train_heads(model: nn.Module, ends: dict, data: list, num_classes: int, epo
     return heads
 
 
-@CRITERIA.register("dcp")
+@register_criterion("dcp", needs_data=True, needs_seed=True,
+                    paper="Zhuang et al., NeurIPS 2018, Discrimination-aware Channel Pruning")
 def dcp_importance(model: nn.Module, graph: ChannelGraph, *, loader: Iterable | None = None, batches: int = 8,
                    dcp_lambda: float = 1.0, aux_epochs: int = 10, aux_lr: float = 0.05, seed: int = 0,
                    device: str | torch.device = "cpu", **_) -> np.ndarray:

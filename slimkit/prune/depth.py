@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
+from .config import SCORINGS, DepthConfig  # noqa: F401  (SCORINGS re-exported)
+from .config import SCORINGS, DepthConfig  # noqa: F401  (SCORINGS re-exported)
 from .trace import hooked_forward
 
 __all__ = ["Block", "DepthResult", "find_blocks", "prune_blocks", "remove_blocks"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu}
-SCORINGS = ("greedy", "lazy", "once")
 
 
 @dataclass
@@ -174,9 +175,8 @@ def remove_blocks(model: nn.Module, blocks: Iterable[Block], inplace: bool = Fal
     return m
 
 
-def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable, *, target_macs: float | None = None,
-                 count: int | None = None, batches: int = 4, scoring: str = "greedy", protected: Iterable[str] = (),
-                 device: str | torch.device = "cpu", inplace: bool = False) -> DepthResult:
+def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable, config: DepthConfig | None = None,
+                 *, device: str | torch.device = "cpu", inplace: bool = False, **options) -> DepthResult:
     """Remove the residual blocks whose loss on held-out data rises least per MAC saved (Veit et al., NeurIPS 2016).
 
     Stops once the profiled MACs are at most ``target_macs`` of the original, or after ``count``
@@ -188,22 +188,42 @@ def prune_blocks(model: nn.Module, example_input: torch.Tensor, loader: Iterable
     score is a lower bound, so only the front of the ranking is re-probed); ``"once"`` ranks
     once on the input model (``n`` probes in all). Blocks named in ``protected`` (or inside one)
     stay. Raises if the target cannot be met by removing every candidate.
+
+    Args:
+        model: a network with residual blocks (left untouched unless ``inplace``).
+        example_input: one input batch (shapes only).
+        loader: held-out ``(input, label)`` batches.
+        config: a :class:`~slimkit.prune.config.DepthConfig`, or keyword ``options`` building one.
+        device: where the probes run.
+        inplace: remove the blocks from ``model`` itself.
+
+    Returns:
+        A :class:`DepthResult` (model, removed blocks, scores, counts).
+
+    Example:
+        >>> import torch, slimkit
+        >>> m = slimkit.create_model("resnet20").eval()
+        >>> batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
+        >>> r = prune_blocks(m, torch.zeros(1, 3, 32, 32), batches, DepthConfig(count=2, batches=1))
+        >>> len(r.removed)
+        2
     """
     from ..profile import profile
     from ..train import evaluate
     from .sensitivity import first_batches
 
+    if config is None:
+        if isinstance(options.get("protected"), list):
+            options["protected"] = tuple(options["protected"])
+        config = DepthConfig(**options)
+    elif options:
+        raise SlimkitError(f"prune_blocks: give a DepthConfig or keyword options, not both ({', '.join(options)})")
+    target_macs, count, batches, scoring, protected = (config.target_macs, config.count, config.batches,
+                                                       config.scoring, config.protected)
+
     def loss(m: nn.Module) -> float:
         return evaluate(m, data, device=device)["loss"]
 
-    if scoring not in SCORINGS:
-        raise SlimkitError(f"prune_blocks: scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    if (target_macs is None) == (count is None):
-        raise SlimkitError("prune_blocks: give exactly one of target_macs (a fraction of the MACs) or count")
-    if target_macs is not None and not 0 < target_macs <= 1:
-        raise SlimkitError(f"prune_blocks: target_macs is a fraction in (0, 1], got {target_macs!r}")
-    if count is not None and (not isinstance(count, int) or count < 0):
-        raise SlimkitError(f"prune_blocks: count is a non-negative integer, got {count!r}")
     base = profile(model, example_input)
     protected = tuple(protected)
     candidates = [b for b in find_blocks(model, example_input)

@@ -17,13 +17,15 @@ Registered in :data:`CRITERIA` (``fn(model, graph, *, loader, batches, seed, dev
 * ``thinet``, ``lasso``, ``dcp``: data-driven reconstruction criteria of the next layer, in
   :mod:`slimkit.prune.reconstruct` (Luo et al. 2017, He et al. 2017, Zhuang et al. 2018).
 
-Criteria named in :data:`DATA_CRITERIA` need data: callers pass ``loader``, ``batches``,
-``device`` and ``seed``; the others ignore them.
+Each entry (:class:`Criterion`) carries its facts: whether it needs data (callers then pass
+``loader``, ``batches``, ``device`` and ``seed``), a seed, which weight reconstruction its paper
+uses, and the paper. Register a new one with :func:`register_criterion`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,13 +35,57 @@ from torch import nn
 from ..registry import Registry
 from .graph import ChannelGraph
 
-Criterion = Callable[..., np.ndarray]
+@dataclass(frozen=True)
+class Criterion:
+    """A registered criterion and its facts: what it needs, which reconstruction its paper uses, the paper.
+
+    Calling the entry scores: ``CRITERIA.get("l1")(model, graph) -> scores``.
+    """
+
+    name: str
+    score: Callable[..., np.ndarray]
+    needs_data: bool = False  # reads batches: callers pass loader, batches, device, seed
+    needs_seed: bool = False  # random draws: callers pass seed
+    reconstruct: str | None = None  # the weight reconstruction its paper runs after the cut ("scale", "full")
+    paper: str = ""
+
+    def __call__(self, model: nn.Module, graph: ChannelGraph, **kwargs) -> np.ndarray:
+        return self.score(model, graph, **kwargs)
+
+
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
 _PRODUCERS = ("conv", "dwconv", "linear")
 
-DATA_CRITERIA: set[str] = {"taylor"}  # criteria that read batches; reconstruct.py adds its own
+__all__ = ["CRITERIA", "Criterion", "compute_importance", "criteria_needing_data", "register_criterion",
+           "slimming_penalty", "sparsity_term", "ssl_penalty"]
 
-__all__ = ["CRITERIA", "DATA_CRITERIA", "compute_importance", "slimming_penalty", "sparsity_term", "ssl_penalty"]
+
+def register_criterion(name: str, *, needs_data: bool = False, needs_seed: bool = False,
+                       reconstruct: str | None = None, paper: str = "") -> Callable[[Callable], Callable]:
+    """Register ``fn(model, graph, **kwargs) -> scores`` (one per channel class; NaN = keep) with its facts.
+
+    Args:
+        name: the criterion's name (``--criterion NAME``, ``criterion: NAME`` in a recipe).
+        needs_data: it reads batches of training data.
+        needs_seed: it draws random numbers.
+        reconstruct: the weight reconstruction its paper runs after the cut (``"scale"``, ``"full"``).
+        paper: the citation.
+
+    Example:
+        >>> sorted(n for n in CRITERIA.names() if CRITERIA.get(n).needs_data)
+        ['dcp', 'lasso', 'taylor', 'thinet']
+    """
+
+    def deco(fn: Callable) -> Callable:
+        CRITERIA.register(name)(Criterion(name, fn, needs_data, needs_seed, reconstruct, paper))
+        return fn
+
+    return deco
+
+
+def criteria_needing_data() -> set[str]:
+    """Names of the criteria that read batches (the facts of their registry entries)."""
+    return {n for n in CRITERIA.names() if CRITERIA.get(n).needs_data}
 
 
 def _mean_over_members(graph: ChannelGraph, per_member: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -64,7 +110,7 @@ def _filter_norms(graph: ChannelGraph, p: int) -> np.ndarray:
     return _mean_over_members(graph, members)
 
 
-@CRITERIA.register("l1")
+@register_criterion("l1", paper="Li et al., ICLR 2017, Pruning Filters for Efficient ConvNets")
 def l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     """L1 norm of each channel's filters (Li et al., ICLR 2017, "Pruning Filters for Efficient ConvNets").
 
@@ -75,7 +121,7 @@ def l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     return _filter_norms(graph, 1)
 
 
-@CRITERIA.register("l2")
+@register_criterion("l2", paper="Li et al., ICLR 2017, Pruning Filters for Efficient ConvNets")
 def l2_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     """L2 norm of each channel's filters (Li et al., ICLR 2017), aggregated as for ``l1``."""
     return _filter_norms(graph, 2)
@@ -87,7 +133,7 @@ def _column_norms(w: torch.Tensor, p: int) -> np.ndarray:
     return (cols.abs().sum(1) if p == 1 else cols.pow(2).sum(1).sqrt()).double().cpu().numpy()
 
 
-@CRITERIA.register("group_l1")
+@register_criterion("group_l1", paper="Fang et al., CVPR 2023, DepGraph")
 def group_l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     """Group L1 magnitude over *every* parameter a channel class couples (Fang et al., CVPR 2023, DepGraph).
 
@@ -120,13 +166,13 @@ def group_l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarra
     return _mean_over_members(graph, members)
 
 
-@CRITERIA.register("random")
+@register_criterion("random", needs_seed=True, paper="control (Li et al. 2017)")
 def random_importance(model: nn.Module, graph: ChannelGraph, *, seed: int = 0, **_) -> np.ndarray:
     """Uniform random scores (seeded): the control baseline of Li et al. 2017 and of later studies."""
     return np.random.default_rng(seed).random(graph.num_classes)
 
 
-@CRITERIA.register("slimming")
+@register_criterion("slimming", paper="Liu et al., ICCV 2017, Network Slimming")
 def slimming_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     """Batch-norm scale ``|gamma|`` (Liu et al., ICCV 2017, "Network Slimming").
 
@@ -139,7 +185,8 @@ def slimming_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarra
     return _mean_over_members(graph, members)
 
 
-@CRITERIA.register("taylor")
+@register_criterion("taylor", needs_data=True,
+                    paper="Molchanov et al., ICLR 2017 / CVPR 2019, Importance Estimation")
 def taylor_importance(model: nn.Module, graph: ChannelGraph, *, loader: Iterable | None = None, batches: int = 8,
                       device: str | torch.device = "cpu", **_) -> np.ndarray:
     """First-order Taylor importance (Molchanov et al., ICLR 2017; CVPR 2019 "Importance Estimation").
@@ -199,8 +246,8 @@ def compute_importance(criterion: str, model: nn.Module, graph: ChannelGraph, **
     ``lasso`` (He et al. 2017), ``dcp`` (Zhuang et al. 2018), ``random`` (control).
 
     Higher means more important; ``NaN`` means "cannot be measured, keep". ``kwargs`` go to the
-    criterion (``loader``/``batches``/``device``/``seed`` for those in :data:`DATA_CRITERIA`,
-    ``seed`` for ``random``).
+    criterion (``loader``/``batches``/``device``/``seed`` for those whose entry ``needs_data``,
+    ``seed`` for those that ``needs_seed``).
     """
     return np.asarray(CRITERIA.get(criterion)(model, graph, **kwargs), dtype=np.float64)
 
@@ -259,7 +306,7 @@ def _class_sq_norms(graph: ChannelGraph, cache: dict | None = None) -> torch.Ten
     return total if total is not None else torch.zeros(graph.num_classes)
 
 
-@CRITERIA.register("ssl")
+@register_criterion("ssl", paper="Wen et al., NIPS 2016, Structured Sparsity Learning")
 def ssl_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     """Group L2 norm of each channel (Wen et al., NIPS 2016, "Learning Structured Sparsity in DNNs").
 

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,12 +48,14 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from .config import PruneConfig
 from .graph import ChannelGraph, build_graph
-from .importance import CRITERIA, DATA_CRITERIA, compute_importance
+from .importance import CRITERIA, compute_importance
 from .reconstruct import reconstruct_mode, reconstruct_weights
 from .surgery import PrunedPadShortcut, apply_plan, pad_sources  # noqa: F401  (re-exported)
 
-__all__ = ["PrunedPadShortcut", "PruneResult", "apply_plan", "estimate", "pad_sources", "plan", "prune", "prune_once"]
+__all__ = ["PruneConfig", "PrunedPadShortcut", "PruneResult", "apply_plan", "estimate", "make_config", "pad_sources", "plan",
+           "prune", "prune_once"]
 
 
 @dataclass
@@ -69,6 +72,8 @@ class PruneResult:
     unprunable: list[str] = field(default_factory=list)
     latency_ratio: float | None = None  # measured pruned/original latency, for a target_latency policy
     reconstruction: dict | None = None  # {"mode", "layers": {name: {"before", "after"}}} when weights were re-solved
+    sensitivity: dict | None = None  # the sensitivity scan, when it set the ratios
+    ratios: dict | None = None  # the per-group ratios the scan chose
 
     def summary(self) -> dict:
         """JSON-ready counts and warnings (without the kept indices)."""
@@ -267,44 +272,24 @@ def _compose(old: dict, new: dict) -> dict:
     return out
 
 
-LATENCY_MODELS = ("measure", "table")
-
-
 def _batches(latency_batch: int | tuple[int, ...] | list[int]) -> tuple:
     return tuple(latency_batch) if isinstance(latency_batch, (tuple, list)) else (latency_batch,)
 
 
-def _check_policy(criterion: str, target_macs, target_params, ratio, ratios, round_to, steps,
-                  target_latency=None, rounding="floor", latency_model="measure", latency_batch=1) -> None:
-    CRITERIA.get(criterion)  # unknown names fail here, listing the known ones
-    given = [n for n, v in (("target_macs", target_macs), ("target_params", target_params),
-                            ("target_latency", target_latency), ("ratio", ratio), ("ratios", ratios)) if v is not None]
-    if len(given) == 0:
-        raise SlimkitError("prune: give one of target_macs, target_params, target_latency, ratio or ratios")
-    if latency_model not in LATENCY_MODELS:
-        raise SlimkitError(f"prune: latency_model must be one of {', '.join(LATENCY_MODELS)}, got {latency_model!r}")
-    batches = _batches(latency_batch)
-    if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
-        raise SlimkitError(f"prune: latency_batch must be a positive integer or a tuple of them, got {latency_batch!r}")
-    if len(batches) > 1 and latency_model != "table":
-        raise SlimkitError("prune: several latency batch sizes need latency_model='table'")
-    together = set(given) == {"target_macs", "target_latency"} and latency_model == "table"
-    if len(given) > 1 and not (set(given) == {"ratio", "ratios"}) and not together:
-        raise SlimkitError(f"prune: give only one policy, got {', '.join(given)}"
-                           + (" (target_macs with target_latency needs latency_model='table')"
-                              if set(given) == {"target_macs", "target_latency"} else ""))
-    for name, v in (("target_macs", target_macs), ("target_params", target_params), ("target_latency", target_latency)):
-        if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
-            raise SlimkitError(f"prune: {name} is a fraction of the original in (0, 1], got {v!r}")
-    for name, v in [("ratio", ratio)] + [(f"ratios[{k}]", r) for k, r in (ratios or {}).items()]:
-        if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1):
-            raise SlimkitError(f"prune: {name} is the fraction of channels to remove, in [0, 1), got {v!r}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise SlimkitError(f"prune: round_to must be a positive integer, got {round_to!r}")
-    if rounding not in ROUNDING:
-        raise SlimkitError(f"prune: rounding must be one of {', '.join(ROUNDING)}, got {rounding!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise SlimkitError(f"prune: steps must be a positive integer, got {steps!r}")
+def make_config(config: PruneConfig | None, options: dict) -> PruneConfig:
+    """``config``, or one built from keyword arguments (the API's older form, still supported)."""
+    if config is not None:
+        if options:
+            raise SlimkitError(f"prune: give a PruneConfig or keyword options, not both ({', '.join(options)})")
+        return config
+    fields = set(PruneConfig.field_names())
+    own = {k: v for k, v in options.items() if k in fields}
+    extra = {k: v for k, v in options.items() if k not in fields}
+    if extra:
+        own["criterion_options"] = {**own.get("criterion_options", {}), **extra}
+    if isinstance(own.get("protected"), list):
+        own["protected"] = tuple(own["protected"])
+    return PruneConfig(**own)
 
 
 def _latency_ratio(reference: nn.Module, model: nn.Module, graph: ChannelGraph, removed: np.ndarray,
@@ -332,31 +317,30 @@ def _profile(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return p.macs, p.params
 
 
-def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1",
-               target_macs: float | None = None,
-               target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
-               round_to: int = 8, protected: tuple[str, ...] | list[str] = (), reference: tuple[int, int] | None = None,
-               before: tuple[int, int] | None = None, target_latency: float | None = None,
-               latency_reference: nn.Module | None = None, latency_batch: int | tuple[int, ...] = 1,
-               untie_shortcuts: bool = True, rounding: str = "floor", latency_model: str = "measure",
+def prune_once(model: nn.Module, example_input: torch.Tensor, config: PruneConfig, *,
+               reference: tuple[int, int] | None = None, before: tuple[int, int] | None = None,
+               latency_reference: nn.Module | None = None,
                **criterion_kwargs) -> tuple[dict, ChannelGraph, tuple[int, int]]:
-    """One-shot pruning of ``model`` in place: build the graph, score, plan, cut, verify MACs.
+    """One-shot pruning of ``model`` in place under ``config``: build the graph, score, plan, cut, verify MACs.
 
     Returns ``(kept, graph, (macs, params) after)``. ``reference`` is the (MACs, params) the
     targets are fractions of (default: this model's); ``latency_reference`` the model whose
-    latency ``target_latency`` is a fraction of (default: this model before the cut). Papers as
-    in :func:`prune`.
+    latency ``target_latency`` is a fraction of (default: this model before the cut);
+    ``criterion_kwargs`` (``loader``, ``batches``, ``seed``, ``device`` and the criterion's own
+    options) go to the criterion. Papers as in :func:`prune`.
     """
     was = model.training
     model.eval()
-    graph = build_graph(model, example_input, protected, untie_shortcuts)
+    graph = build_graph(model, example_input, config.protected, config.untie_shortcuts)
     model.train(was)
     macs0, params0 = before or _profile(model, example_input)
     ref_m, ref_p = reference or (macs0, params0)
-    scores = compute_importance(criterion, model, graph, **criterion_kwargs)
+    scores = compute_importance(config.criterion, model, graph, **criterion_kwargs)
+    target_macs, target_params, target_latency = config.target_macs, config.target_params, config.target_latency
     kw = dict(base_macs=macs0, base_params=params0, target_macs=target_macs, target_params=target_params,
-              ratio=ratio, ratios=ratios, round_to=round_to, reference_macs=ref_m, reference_params=ref_p,
-              rounding=rounding)
+              ratio=config.ratio, ratios=config.ratios or None, round_to=config.round_to, reference_macs=ref_m,
+              reference_params=ref_p, rounding=config.rounding)
+    latency_batch = config.latency_batch
     if target_latency is not None:
         ref_model = latency_reference if latency_reference is not None else copy.deepcopy(model)
 
@@ -364,7 +348,7 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
             return _latency_ratio(ref_model, model, graph, removed, example_input, latency_batch)
 
         kw["target_latency"] = target_latency
-        if latency_model == "table":
+        if config.latency_model == "table":
             from .latency import LatencyTable, model_seconds
 
             table = LatencyTable(model, graph, example_input, _batches(latency_batch))
@@ -395,83 +379,135 @@ def prune_once(model: nn.Module, example_input: torch.Tensor, *, criterion: str 
     return kept, graph, (macs1, params1)
 
 
-def prune(model: nn.Module, example_input: torch.Tensor, *, criterion: str = "l1", target_macs: float | None = None,
-          target_params: float | None = None, ratio: float | None = None, ratios: dict[str, float] | None = None,
-          round_to: int = 8, protected: tuple[str, ...] | list[str] = (), steps: int = 1,
+def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | None = None, *,
+          loader: Iterable | None = None, val_loader: Iterable | None = None,
           finetune: Callable[[nn.Module, int], None] | None = None, inplace: bool = False,
-          target_latency: float | None = None, latency_batch: int | tuple[int, ...] = 1,
-          reconstruct: bool | str | None = None, untie_shortcuts: bool = True, rounding: str = "floor",
-          latency_model: str = "measure", latency_reference: nn.Module | None = None,
-          **criterion_kwargs) -> PruneResult:
-    """Structured channel pruning with a dependency graph (Li et al. 2017; Fang et al. 2023).
+          latency_reference: nn.Module | None = None, seed: int = 0, device: str | torch.device = "cpu",
+          checkpoint_dir: str | None = None, **options) -> PruneResult:
+    """Structured channel pruning with a dependency graph (Li et al., ICLR 2017; Fang et al., CVPR 2023).
 
-    Scores every channel class with ``criterion`` (see :data:`CRITERIA`: ``l1``/``l2`` of Li et
-    al. 2017, ``taylor`` of Molchanov et al. 2017/2019, ``slimming`` of Liu et al. 2017, ``ssl``
-    of Wen et al. 2016, ``thinet`` of Luo et al. 2017, ``lasso`` of He et al. 2017, ``dcp`` of
-    Zhuang et al. 2018, ``random``), removes the least important under one policy (``target_macs``,
-    ``target_params``, ``target_latency`` -- a fraction of the input model's measured eager
-    latency at batch ``latency_batch`` on this machine --, ``ratio`` or ``ratios``; see the
-    module docstring; ``latency_model="table"`` ranks by importance per latency saved from a
-    measured per-layer table, NetAdapt/HALP style, for one or several batch sizes, and may be
-    combined with ``target_macs``; ``latency_reference``: the model whose latency the target is
-    a fraction of, default the input model, e.g. the unpruned one after depth pruning), and returns a
-    smaller plain ``nn.Module`` with the kept channel indices of every changed layer relative
-    to the input model. With ``steps=k`` it prunes iteratively (Molchanov et al. 2017): step
-    ``i`` aims at ``target**(i/k)`` of the original and ``finetune(model, i)`` runs between
-    steps. ``criterion_kwargs`` go to the criterion (``loader`` and ``batches`` for the
-    data-driven ones, :data:`~slimkit.prune.importance.DATA_CRITERIA`). ``reconstruct`` (see
-    :func:`~slimkit.prune.reconstruct.reconstruct_mode`; by default ThiNet's per-channel scaling
-    for ``thinet`` and He et al.'s least squares for ``lasso``) re-solves the cut layers' weights
-    against the input model on ``loader`` after the last step (``result.reconstruction``).
-    ``untie_shortcuts`` (default) lets each stage of an option-A ResNet be pruned on its own (see
-    :func:`~slimkit.prune.graph.build_graph`; ``False`` ties a stage-1 trunk channel to its copies
-    in later stages). ``rounding`` (``"floor"`` or ``"ceil"``) is how a
-    group's kept width is rounded to ``round_to`` (module docstring). The input model is left
-    untouched unless ``inplace``.
+    Scores every channel class with ``config.criterion`` (:data:`CRITERIA`), removes the least
+    important under one policy (module docstring; :class:`~slimkit.prune.config.PruneConfig`) and
+    returns a smaller plain ``nn.Module`` with the kept channel indices of every changed layer
+    relative to the input model. With ``steps=k`` it prunes iteratively (Molchanov et al. 2017):
+    step ``i`` aims at ``target**(i/k)`` of the original, with ``finetune(model, i)`` (or a fit
+    with ``config.step_finetune`` on ``loader``) between steps. ``config.sparsity`` first trains
+    with the criterion's sparsity term on ``loader``; ``config.sensitivity`` sets per-group ratios
+    from a scan on ``val_loader`` (Li et al. 2017); ``config.reconstruct`` re-solves the cut
+    layers' weights against the input model on ``loader`` after the last step (He et al. 2017).
+
+    Args:
+        model: the network (left untouched unless ``inplace``).
+        example_input: one input batch (shapes only).
+        config: the options; keyword ``options`` (``target_macs=0.5``) build one instead. Keywords
+            that are no field are the criterion's own options (``aux_epochs`` of ``dcp``).
+        loader: training batches, for the data-driven criteria, the reconstruction, sparsity
+            training and step fine-tunes.
+        val_loader: held-out batches, for the sensitivity scan.
+        finetune: called as ``finetune(model, step)`` between iterative steps.
+        inplace: prune ``model`` itself.
+        latency_reference: the model ``target_latency`` is a fraction of (default the input
+            model; e.g. the unpruned one after depth pruning).
+        seed, device: for the criteria and training.
+        checkpoint_dir: where training in here checkpoints (resumable); none by default.
+
+    Returns:
+        A :class:`PruneResult` (model, kept indices, counts before/after, warnings).
+
+    Raises:
+        SlimkitError: an invalid config, or data missing for what it asks.
+
+    Example:
+        >>> import torch, slimkit
+        >>> m = slimkit.create_model("resnet20")
+        >>> r = prune(m, torch.zeros(1, 3, 32, 32), PruneConfig(target_macs=0.5, criterion="l1"))
+        >>> r.macs_after <= 0.5 * r.macs_before
+        True
     """
-    _check_policy(criterion, target_macs, target_params, ratio, ratios, round_to, steps, target_latency, rounding,
-                  latency_model, latency_batch)
-    mode = reconstruct_mode(criterion, reconstruct)
-    if mode and criterion_kwargs.get("loader") is None and criterion not in DATA_CRITERIA:  # those say so themselves
-        raise SlimkitError(f"prune: weight reconstruction ({mode}) needs data: pass loader=")
-    original = copy.deepcopy(model).eval() if target_latency is not None or mode else None
-    timing_reference = latency_reference if latency_reference is not None else original  # timed in eval mode
+    config = make_config(config, options)
+    mode = reconstruct_mode(config.criterion, config.reconstruct)
+    entry = CRITERIA.get(config.criterion)
+    if (entry.needs_data or mode or config.sparsity or config.step_finetune) and loader is None:
+        what = (f"the {config.criterion} criterion" if entry.needs_data else f"weight reconstruction ({mode})" if mode
+                else "sparsity training" if config.sparsity else "step_finetune")
+        raise SlimkitError(f"prune: {what} needs data: pass loader= (training batches)")
+    if config.sensitivity is not None and val_loader is None:
+        raise SlimkitError("prune: the sensitivity scan needs held-out data (val_loader=)")
+    criterion_kwargs = dict(config.criterion_options)
+    if entry.needs_data or mode:
+        criterion_kwargs.update(loader=loader, batches=config.batches, device=device, seed=seed)
+    elif entry.needs_seed:
+        criterion_kwargs["seed"] = seed
     work = model if inplace else copy.deepcopy(model)
+    if config.sparsity is not None:
+        from ..train import fit
+        from .importance import sparsity_term
+
+        name, term = sparsity_term(config.criterion, work, example_input, config.sparsity.strength)
+        fit(work, loader, seed=seed, device=device, progress=False, extra_losses={name: term},
+            checkpoint_dir=os.path.join(checkpoint_dir, "sparsity") if checkpoint_dir else None,
+            **config.sparsity.fit_kwargs())
+    scan = None
+    if config.sensitivity is not None:
+        from .sensitivity import sensitivity_ratios
+
+        s = config.sensitivity
+        ratios, scan = sensitivity_ratios(work, example_input, val_loader, criterion=config.criterion,
+                                          target_macs=config.target_macs, max_drop=s.max_drop, steps=s.steps,
+                                          batches=s.batches, round_to=config.round_to, rounding=config.rounding,
+                                          untie_shortcuts=config.untie_shortcuts, device=device,
+                                          **{k: v for k, v in criterion_kwargs.items() if k not in ("batches", "device")})
+        step_config = config.replace(sensitivity=None, target_macs=None, ratios=ratios)
+    else:
+        step_config = config
+    original = copy.deepcopy(work).eval() if config.target_latency is not None or mode else None
+    timing_reference = latency_reference if latency_reference is not None else original  # timed in eval mode
     with torch.no_grad():
         macs0, params0 = _profile(work, example_input)
     kept: dict = {}
     graph = None
     after = (macs0, params0)
+    steps = config.steps
     for i in range(1, steps + 1):
         frac = lambda t: None if t is None else t ** (i / steps)  # noqa: E731
         part = lambda r: None if r is None else 1 - (1 - r) ** (1 / steps)  # noqa: E731  (each step on what is left)
+        this = step_config.replace(
+            target_macs=frac(step_config.target_macs), target_params=frac(step_config.target_params),
+            target_latency=frac(step_config.target_latency), ratio=part(step_config.ratio),
+            ratios={k: part(v) for k, v in step_config.ratios.items()}, steps=1)
         step_kept, graph, after = prune_once(
-            work, example_input, criterion=criterion, target_macs=frac(target_macs), target_params=frac(target_params),
-            ratio=part(ratio), ratios={k: part(v) for k, v in ratios.items()} if ratios else None, round_to=round_to,
-            protected=protected, reference=(macs0, params0) if target_macs or target_params else None,
-            before=after, target_latency=frac(target_latency), latency_reference=timing_reference,
-            latency_batch=latency_batch,
-            untie_shortcuts=untie_shortcuts, rounding=rounding, latency_model=latency_model, **criterion_kwargs)
+            work, example_input, this,
+            reference=(macs0, params0) if step_config.target_macs or step_config.target_params else None,
+            before=after, latency_reference=timing_reference, **criterion_kwargs)
         kept = _compose(kept, step_kept)
-        if finetune is not None and i < steps:
-            finetune(work, i)
+        if i < steps:
+            if finetune is not None:
+                finetune(work, i)
+            elif config.step_finetune is not None:
+                from ..train import fit
+
+                fit(work, loader, seed=seed + i, device=device, progress=False,
+                    checkpoint_dir=os.path.join(checkpoint_dir, f"step{i}") if checkpoint_dir else None,
+                    **config.step_finetune.fit_kwargs())
     rebuilt = None
     if mode:
-        errors = reconstruct_weights(original, work, kept, criterion_kwargs["loader"], mode=mode,
-                                     batches=criterion_kwargs.get("batches", 8), seed=criterion_kwargs.get("seed", 0),
-                                     device=criterion_kwargs.get("device", "cpu"))
+        errors = reconstruct_weights(original, work, kept, loader, mode=mode, batches=config.batches, seed=seed,
+                                     device=device)
         rebuilt = {"mode": mode, "layers": errors}
     latency = None
-    if target_latency is not None:
+    if config.target_latency is not None:
         was = work.training
-        latency = _latency_ratio(timing_reference, work, graph, np.zeros(0, dtype=bool), example_input, latency_batch,
-                                 candidate=work.eval())
+        latency = _latency_ratio(timing_reference, work, graph, np.zeros(0, dtype=bool), example_input,
+                                 config.latency_batch, candidate=work.eval())
         work.train(was)
-        if latency > target_latency:
+        if latency > config.target_latency:
             import warnings
 
             warnings.warn(f"slimkit.prune: measured latency ratio {latency:.3f} is above the target "
-                          f"{target_latency:.3g} (timing noise, or every prunable channel is at its minimum)",
+                          f"{config.target_latency:.3g} (timing noise, or every prunable channel is at its minimum)",
                           stacklevel=2)
-    return PruneResult(work, kept, params0, after[1], macs0, after[0], list(graph.warnings) if graph else [],
-                       graph.unprunable_layers() if graph else [], latency, rebuilt)
+    result = PruneResult(work, kept, params0, after[1], macs0, after[0], list(graph.warnings) if graph else [],
+                         graph.unprunable_layers() if graph else [], latency, rebuilt)
+    if scan is not None:
+        result.sensitivity, result.ratios = scan.to_dict(), step_config.ratios
+    return result

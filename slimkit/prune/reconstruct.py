@@ -1,6 +1,6 @@
 """Data-driven criteria that judge a channel by what the *next* layer loses without it.
 
-Registered in :data:`slimkit.prune.importance.CRITERIA` (and in ``DATA_CRITERIA``: they need a
+Registered in :data:`slimkit.prune.importance.CRITERIA` (with ``needs_data``: they need a
 ``loader`` of ``(inputs, targets)`` batches, of which they read ``batches``):
 
 * ``thinet``: ThiNet (Luo et al., ICCV 2017, "ThiNet: A Filter Level Pruning Method for Deep
@@ -38,13 +38,11 @@ from torch import nn
 
 from ..errors import SlimkitError
 from .graph import ChannelGraph, LayerRecord
-from .importance import CRITERIA, DATA_CRITERIA
+from .importance import CRITERIA, register_criterion
 
-__all__ = ["RECONSTRUCT_MODES", "lasso_importance", "reconstruct_mode", "reconstruct_weights", "thinet_importance"]
+__all__ = ["lasso_importance", "reconstruct_mode", "reconstruct_weights", "thinet_importance"]
 
-DATA_CRITERIA.update({"thinet", "lasso"})
 #: the post-pruning reconstruction each paper prescribes (used when a stage or CLI says "auto")
-RECONSTRUCT_MODES: dict[str, str] = {"thinet": "scale", "lasso": "full"}
 
 _CHUNK = 1 << 22  # elements of one contribution tensor: bounds memory on wide layers
 
@@ -266,7 +264,8 @@ def _greedy_removal(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, errs
 
 
-@CRITERIA.register("thinet")
+@register_criterion("thinet", needs_data=True, needs_seed=True, reconstruct="scale",
+                    paper="Luo et al., ICCV 2017, ThiNet")
 def thinet_importance(model: nn.Module, graph: ChannelGraph, *, loader: Iterable | None = None, batches: int = 8,
                       positions: int | None = 10, max_outputs: int = 64, seed: int = 0,
                       device: str | torch.device = "cpu", **_) -> np.ndarray:
@@ -334,7 +333,8 @@ def _lasso_path_scores(gram: np.ndarray, penalties: int) -> np.ndarray:
     return np.where(entry >= 0, penalties - entry + mag, np.abs(b) / lam_max * (1 - 1e-9))
 
 
-@CRITERIA.register("lasso")
+@register_criterion("lasso", needs_data=True, needs_seed=True, reconstruct="full",
+                    paper="He et al., ICCV 2017, Channel Pruning")
 def lasso_importance(model: nn.Module, graph: ChannelGraph, *, loader: Iterable | None = None, batches: int = 8,
                      positions: int | None = 10, max_outputs: int = 64, penalties: int = 32, seed: int = 0,
                      device: str | torch.device = "cpu", **_) -> np.ndarray:
@@ -470,12 +470,13 @@ def reconstruct_mode(criterion: str, reconstruct: bool | str | None = None) -> s
     ``lasso``: ``full``; none for the others), ``False``/``"none"`` none, ``True`` the paper's
     step or ``full``, and ``"scale"``/``"full"`` that mode.
     """
+    own = CRITERIA.get(criterion).reconstruct  # the criterion's paper's step (an entry fact)
     if reconstruct is None or reconstruct == "auto":
-        return RECONSTRUCT_MODES.get(criterion)
+        return own
     if reconstruct is False or reconstruct == "none":
         return None
     if reconstruct is True:
-        return RECONSTRUCT_MODES.get(criterion, "full")
+        return own or "full"
     if reconstruct in ("scale", "full"):
         return reconstruct
     raise SlimkitError(f"prune: reconstruct must be auto, none, scale, full or a boolean, got {reconstruct!r}")

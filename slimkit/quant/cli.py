@@ -12,11 +12,24 @@ import time
 
 from ..cli import logger
 from ..errors import SlimkitError
-from .observers import OBSERVERS
+
+
+def command_configs() -> dict[str, tuple[type, dict]]:
+    """The configs ``slimkit quantize`` turns into flags, with how: ``{key: (class, add_arguments options)}``."""
+    from .config import QuantConfig, Train8Config
+
+    return {"quantize": (QuantConfig, {"title": "int8 quantization"}),
+            "train8": (Train8Config, {"title": "8-bit training first (Banner et al. 2018)", "prefix": "train8_",
+                                      "only": ("epochs",), "rename": {"epochs": "--train8-epochs"},
+                                      "defaults": {"epochs": 0}})}
 
 
 def add_quantize_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments of ``slimkit quantize MODEL [--weights W] --data SPEC [--calib N] ...``."""
+    """Add the arguments of ``slimkit quantize MODEL [--weights W] --data SPEC [--calib N] ...``.
+
+    The method flags come from :class:`~slimkit.quant.config.QuantConfig` (and ``--train8-epochs``
+    from :class:`~slimkit.quant.config.Train8Config`).
+    """
     parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
     parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
     parser.add_argument("--num-classes", type=int)
@@ -24,18 +37,10 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--calib", type=int, default=512, help="class-balanced train images for calibration")
-    parser.add_argument("--observer", default="minmax", choices=OBSERVERS.names(),
-                        help="activation range method (default minmax)")
-    parser.add_argument("--max-drop", type=float, help="accuracy guard: max val top-1 drop (fraction, e.g. 0.003)")
-    parser.add_argument("--keep-float", default="", help="comma-separated layer names to keep in float")
+    for cls, how in command_configs().values():
+        cls.add_arguments(parser, **how)
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency comparison")
-    parser.add_argument("--qat-epochs", type=int, default=0,
-                        help="quantization-aware training epochs on the train split after calibration (0 = PTQ only)")
-    parser.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (default 1e-3)")
-    parser.add_argument("--train8-epochs", type=int, default=0,
-                        help="first train E epochs in simulated 8 bits (Banner et al. 2018, lr 0.01)")
     return parser
 
 
@@ -59,6 +64,10 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     from ..train import check_input, evaluate
     from . import calibration_loader, quantize_then_qat
 
+    from .config import QuantConfig, Train8Config
+
+    config = QuantConfig.from_args(args)
+    train8_config = Train8Config.from_args(args, prefix="train8_", only=("epochs",))
     log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -68,33 +77,29 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     model = create_model(args.model, num_classes=num_classes, weights=args.weights).cpu().eval()
     test_loader = data.loader("test", args.batch_size)
     check_input(model, next(iter(test_loader))[0], data.info.num_classes, f"dataset {args.data}")
-    keep = [n for n in args.keep_float.split(",") if n] if args.keep_float else []
     val = None
-    if args.max_drop is not None:
+    if config.max_drop is not None:
         if not len(data.val):
             raise SlimkitError("--max-drop needs a validation split (the guard must not tune on test)")
         val = data.loader("val", args.batch_size)
-    calib = calibration_loader(data, args.calib, seed=args.seed)
+    calib = calibration_loader(data, config.calib, config.batch_size, seed=args.seed)
     train8 = None
-    if getattr(args, "train8_epochs", 0):  # 8-bit training first (Banner et al. 2018): the rest quantizes its result
+    if train8_config.epochs:  # 8-bit training first (Banner et al. 2018): the rest quantizes its result
         from .train8 import train_8bit
 
-        train8 = {"epochs": args.train8_epochs, "input_test_top1": evaluate(model, test_loader)["top1"]}
-        model, _ = train_8bit(model, data.loader("train", args.batch_size, seed=args.seed), args.train8_epochs,
-                              lr=0.01, seed=args.seed, progress=False)
-    qat_epochs = getattr(args, "qat_epochs", 0) or 0
-    if qat_epochs < 0:
-        raise SlimkitError(f"--qat-epochs must be >= 0, got {qat_epochs}")
-    qmodel = quantize_then_qat(model, calib, args.observer, keep_float=keep, max_drop=args.max_drop, val_loader=val,
-                               log=log, qat_epochs=qat_epochs, qat_lr=args.qat_lr,
+        train8 = {"epochs": train8_config.epochs, "input_test_top1": evaluate(model, test_loader)["top1"]}
+        fit_options = train8_config.fit_kwargs()
+        model, _ = train_8bit(model, data.loader("train", args.batch_size, seed=args.seed), fit_options.pop("epochs"),
+                              seed=args.seed, progress=False, **fit_options)
+        history(model).append({"stage": "train8", "params": train8_config.to_dict()})
+    qmodel = quantize_then_qat(model, calib, config, val_loader=val, log=log,
                                train_loader=data.loader("train", args.batch_size, seed=args.seed), seed=args.seed,
                                progress=not getattr(args, "json", False))
     seconds = time.perf_counter() - t0
+    qat_epochs = config.qat_epochs
 
     f_test, q_test = evaluate(model, test_loader), evaluate(qmodel, test_loader)
-    params = {"observer": args.observer, "calib": args.calib, "max_drop": args.max_drop, "keep_float": keep,
-              "qat_epochs": qat_epochs, "qat_lr": args.qat_lr if qat_epochs else None}
-    history(qmodel).append({"stage": "quantize", "params": params,
+    history(qmodel).append({"stage": "quantize", "params": config.to_dict(),
                             "metrics": {"test_top1": q_test["top1"], "keep_float": qmodel.keep_float}})
     meta = {"dataset": args.data, "input_size": list(data.info.input_size), "classes": list(data.info.classes)}
     path = save(qmodel, os.path.join(args.out, "model.safetensors"), meta=meta)
@@ -103,7 +108,7 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     example = torch.zeros(1, *data.info.input_size)
     f_prof, q_prof = profile(model, example), profile(qmodel, example)
     result = {
-        "artifact": path, "model": args.model, "data": args.data, "observer": args.observer, "calib": args.calib,
+        "artifact": path, "model": args.model, "data": args.data, "observer": config.observer, "calib": config.calib,
         "keep_float": qmodel.keep_float, "quantize_seconds": seconds,
         "method": "qat" if qat_epochs else "ptq", "qat_epochs": qat_epochs,
         "float": {"test_top1": f_test["top1"], "test_top5": f_test["top5"], "weight_bytes": f_prof.weight_bytes,

@@ -32,6 +32,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 
 from ..artifact import _rebuild, describe, register_module
 from ..errors import SlimkitError
+from .config import QuantConfig
 from .observers import OBSERVERS
 
 _QUIET = (r".*torch\.ao\.quantization is deprecated.*", r".*quantized tensor creation functions.*",
@@ -191,21 +192,52 @@ def fake_quant(prepared: nn.Module, keep_float: Iterable[str] = ()) -> nn.Module
                                        backend_config=backend_config())
 
 
-def quantize(model: nn.Module, calib_loader: Iterable, observer: str = "minmax", num_batches: int | None = None,
-             keep_float: Iterable[str] = (), *, max_drop: float | None = None, val_loader: Iterable | None = None,
-             reduce_range: bool | None = None, observer_kwargs: dict | None = None,
+def quantize(model: nn.Module, calib_loader: Iterable, config: QuantConfig | str | None = None,
+             num_batches: int | None = None, keep_float: Iterable[str] = (), *, max_drop: float | None = None,
+             val_loader: Iterable | None = None, reduce_range: bool | None = None, observer_kwargs: dict | None = None,
              log: Callable[[str], None] | None = None) -> "QuantizedModel":
     """Post-training static int8 quantization of ``model`` (Jacob et al. 2018; Krishnamoorthi 2018).
 
-    Calibrates activation ranges with ``observer`` (see :data:`OBSERVERS`) on ``num_batches``
-    batches of ``calib_loader``, keeps the layers named in ``keep_float`` in float, and converts
-    the rest to int8 kernels. With ``max_drop`` and ``val_loader``, the accuracy guard
-    (:func:`slimkit.quant.guard.guard`, partial quantization of Wu et al. 2020) additionally
+    Calibrates activation ranges with ``config.observer`` (see :data:`OBSERVERS`) on ``num_batches``
+    batches of ``calib_loader``, keeps the layers named in ``config.keep_float`` in float, and
+    converts the rest to int8 kernels. With ``config.max_drop`` and ``val_loader``, the accuracy
+    guard (:func:`slimkit.quant.guard.guard`, partial quantization of Wu et al. 2020) additionally
     keeps the most sensitive layers in float until the validation top-1 drop is at most
     ``max_drop``; the layers kept in float are in ``result.keep_float``, the search in
     ``result.guard``.
+
+    Args:
+        model: the float model (not modified).
+        calib_loader: batches (or ``(input, label)`` pairs) of unaugmented training images.
+        config: a :class:`~slimkit.quant.config.QuantConfig`, or an observer name; the keyword
+            arguments ``keep_float``, ``max_drop``, ``reduce_range``, ``observer_kwargs`` build one
+            instead (the older form, still supported).
+        num_batches: how many calibration batches (default all).
+        val_loader: validation batches for the guard.
+        log: where the guard reports its search.
+
+    Returns:
+        A :class:`QuantizedModel` running int8 kernels, savable as an artifact.
+
+    Raises:
+        SlimkitError: an invalid option, an unknown layer in keep_float, max_drop without val_loader.
+
+    Example:
+        >>> import torch, slimkit
+        >>> m = slimkit.create_model("digits_cnn").eval()
+        >>> q = quantize(m, [torch.randn(16, 1, 8, 8)], QuantConfig(observer="minmax"))
+        >>> q(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
     """
-    keep_float = list(keep_float)
+    legacy = {"keep_float": tuple(keep_float), "max_drop": max_drop, "reduce_range": reduce_range,
+              "observer_kwargs": dict(observer_kwargs or {})}
+    if isinstance(config, QuantConfig):
+        if any(v not in (None, (), {}) for v in legacy.values()):
+            raise SlimkitError("quantize: give a QuantConfig or keyword options, not both")
+    else:
+        config = QuantConfig(observer=config or "minmax", **legacy)
+    observer, keep_float, max_drop = config.observer, list(config.keep_float), config.max_drop
+    reduce_range, observer_kwargs = config.reduce_range, config.observer_kwargs or None
     unknown = [n for n in keep_float if n not in dict(model.named_modules())]
     if unknown:
         raise SlimkitError(f"keep_float: no layer named {unknown} (quantizable layers: {quantizable_layers(model)})")
@@ -308,16 +340,38 @@ def _config(module: "QuantizedModel") -> dict:
     return module.config
 
 
-def _build(config: dict) -> "QuantizedModel":
-    from ..models import create_model
+def _check_recipe(recipe: Any, where: str) -> dict:
+    from ..documents import expect, expect_keys
 
+    expect(recipe, dict, where, ("recipe",))
+    expect_keys(recipe, set(recipe), where, ("recipe",), required={"input_shape", "observer", "reduce_range",
+                                                                     "observer_kwargs", "keep_float"})
+    shape = recipe["input_shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(isinstance(v, int) and v >= 1 for v in shape)
+            or int(torch.tensor(shape, dtype=torch.float64).prod()) > 1 << 28):
+        raise SlimkitError(f"{where}: field recipe.input_shape: expected a list of 1-4 positive integers of "
+                           "moderate size")
+    OBSERVERS.get(expect(recipe["observer"], str, where, ("recipe", "observer")))
+    expect(recipe["reduce_range"], bool, where, ("recipe", "reduce_range"))
+    expect(recipe["observer_kwargs"], dict, where, ("recipe", "observer_kwargs"))
+    for i, name in enumerate(expect(recipe["keep_float"], list, where, ("recipe", "keep_float"))):
+        expect(name, str, where, ("recipe", "keep_float", i))
+    return recipe
+
+
+def _build(config: dict) -> "QuantizedModel":
+    from ..artifact import check_tree
+    from ..documents import expect_keys
+    from ..models.registry import build_base
+
+    where = "quantized model record"
+    expect_keys(config, {"base", "float_tree", "recipe"}, where, (), required={"float_tree", "recipe"})
     base = config.get("base")
-    if base:
-        float_model = create_model(base["spec"], num_classes=base.get("num_classes"), **base.get("kwargs", {}))
-        float_model = _rebuild(float_model, config["float_tree"], "")
-    else:
-        float_model = _rebuild(None, config["float_tree"], "")
-    recipe = config["recipe"]
+    float_model = build_base(base, where) if base else None
+    if config["float_tree"] is None:
+        raise SlimkitError(f"{where}: field float_tree: missing")
+    float_model = _rebuild(float_model, check_tree(config["float_tree"], where, ("float_tree",)), "")
+    recipe = _check_recipe(config["recipe"], where)
     # Any calibration gives the same module structure; the real int8 weights, scales and zero
     # points come from the artifact's tensors, loaded right after this build.
     example = torch.zeros(1, *recipe["input_shape"])

@@ -31,12 +31,14 @@ from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxOb
 
 from ..registry import Registry
 
-OBSERVERS: Registry[type] = Registry("observer")
+OBSERVERS: Registry[type] = Registry("observer")  # each class carries its facts: ``paper``
 
 
 @OBSERVERS.register("minmax")
 class MinMax(MinMaxObserver):
     """Running min/max over all calibration batches (the stock PyTorch observer)."""
+
+    paper = "Jacob et al., CVPR 2018"
 
     def clip_range(self) -> tuple[float, float]:
         return float(self.min_val), float(self.max_val)
@@ -45,6 +47,8 @@ class MinMax(MinMaxObserver):
 @OBSERVERS.register("ema")
 class EMA(MovingAverageMinMaxObserver):
     """Moving-average min/max: ``min <- min + c * (batch_min - min)``, first batch taken as is."""
+
+    paper = "Jacob et al., CVPR 2018"
 
     def __init__(self, averaging_constant: float = 0.01, **kwargs: Any) -> None:
         super().__init__(averaging_constant=averaging_constant, **kwargs)
@@ -110,6 +114,8 @@ class HistogramClip(MinMaxObserver):
 class Percentile(HistogramClip):
     """Clip ``|x|`` at its ``percentile``-th percentile (default 99.99; Wu et al. 2020 compare 99.9-99.9999)."""
 
+    paper = "Wu et al., arXiv 2020, Integer Quantization for Deep Learning Inference"
+
     def __init__(self, percentile: float = 99.99, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 < percentile <= 100:
@@ -132,6 +138,8 @@ class Entropy(HistogramClip):
     quantization levels and expanded back over the bins that are non-empty in P; the threshold
     minimising KL(P || Q) wins. At most ``max_candidates`` thresholds are tried, evenly spaced.
     """
+
+    paper = "Migacz, GTC 2017, 8-bit Inference with TensorRT"
 
     def __init__(self, max_candidates: int = 512, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -179,6 +187,8 @@ class Entropy(HistogramClip):
 @OBSERVERS.register("mse")
 class MSE(HistogramClip):
     """MSE-optimal clipping: minimise rounding noise (step^2/12 inside) plus clipping error (Wu et al. 2020)."""
+
+    paper = "Wu et al., arXiv 2020, Integer Quantization for Deep Learning Inference"
 
     def __init__(self, candidates: int = 512, **kwargs: Any) -> None:
         super().__init__(**kwargs)

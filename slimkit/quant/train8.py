@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SlimkitError
-from ..pipeline import FIT_ARGS, Context, register_stage
+from ..pipeline import Context, register_stage
+from .config import Train8Config
 from ..train import FitResult, fit
 from .lowbit import (_check_layer_bits, _QConv2dFn, _QLinearFn, quantize_grad, quantize_ste,
                      quantize_symmetric)
@@ -356,30 +357,26 @@ def train_8bit(model: nn.Module, loader: Iterable, epochs: int, *, bits: int = 8
     return from_8bit_training(q), result
 
 
-@register_stage("train8")
-def train8_stage(model: nn.Module, ctx: Context, epochs: int = 1, bits: int = 8, grad_bits: int = 8,
-                 weight_grad_bits: int | None = 16, range_bn: bool = True, exact_constant: bool = True,
-                 batch_size: int | None = None, **fit_options) -> nn.Module:
-    """Recipe stage: train ``epochs`` epochs in simulated 8 bits (Banner et al., NeurIPS 2018), return float.
+@register_stage("train8", config=Train8Config, paper="Banner et al., NeurIPS 2018, Scalable Methods for 8-bit Training",
+                example={"epochs": 1, "lr": 0.01})
+def train8_stage(model: nn.Module, ctx: Context, config: Train8Config) -> nn.Module:
+    """Train ``epochs`` epochs in simulated 8 bits (Banner et al., NeurIPS 2018) and return the float model.
 
-    :func:`train_8bit` on the context's train split (``fit_options`` as the ``finetune`` stage:
+    :func:`train_8bit` on the context's train split (the fit options as the ``finetune`` stage:
     ``lr`` (default 0.01), ``optimizer``, ``schedule``, ...; checkpointed and resumable in this
     stage's folder), so the next stage (e.g. ``quantize``) and the artifact see a plain float
     model.
     """
-    known = FIT_ARGS - {"epochs"}
-    unknown = set(fit_options) - known
-    if unknown:
-        raise SlimkitError(f"train8: unknown option(s) {sorted(unknown)} (known: bits, grad_bits, weight_grad_bits, "
-                           f"range_bn, exact_constant, batch_size, {', '.join(sorted(FIT_ARGS))})")
-    fit_options.setdefault("lr", 0.01)
-    loader = ctx.data.loader("train", batch_size or ctx.batch_size, seed=ctx.seed)
+    loader = ctx.data.loader("train", config.batch_size or ctx.batch_size, seed=ctx.seed)
+    fit_options = config.fit_kwargs()
+    epochs = fit_options.pop("epochs")
     # its own checkpoint folder: a `finetune:` recovery after this stage uses "finetune" and a
     # different (float) state dict, so the two must not find each other's checkpoints
-    out, result = train_8bit(model, loader, epochs, bits=bits, grad_bits=grad_bits,
-                             weight_grad_bits=weight_grad_bits, range_bn=range_bn, exact_constant=exact_constant,
-                             seed=ctx.seed, device=ctx.device, progress=ctx.progress,
-                             checkpoint_dir=ctx.stage_dir("train8"), **fit_options)
-    ctx.details["train8"] = {"bits": bits, "grad_bits": grad_bits, "weight_grad_bits": weight_grad_bits,
-                             "range_bn": range_bn, "exact_constant": exact_constant, "last_epoch": result.last}
+    out, result = train_8bit(model, loader, epochs, bits=config.bits, grad_bits=config.grad_bits,
+                             weight_grad_bits=config.weight_grad_bits, range_bn=config.range_bn,
+                             exact_constant=config.exact_constant, seed=ctx.seed, device=ctx.device,
+                             progress=ctx.progress, checkpoint_dir=ctx.stage_dir("train8"), **fit_options)
+    ctx.details["train8"] = {"bits": config.bits, "grad_bits": config.grad_bits,
+                             "weight_grad_bits": config.weight_grad_bits, "range_bn": config.range_bn,
+                             "exact_constant": config.exact_constant, "last_epoch": result.last}
     return out

@@ -158,12 +158,15 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
     if ckpt_path and resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
         try:
+            if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or not isinstance(
+                    state.get("log"), list) or state["epoch"] < 0:
+                raise ValueError("not a slimkit training checkpoint (epoch, log)")
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["schedule"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise SlimkitError(f"{ckpt_path} does not match this model/optimizer: {str(e).splitlines()[0]}") from e
-        torch.set_rng_state(state["torch_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise SlimkitError(f"{ckpt_path} does not match this model/optimizer: {str(e).splitlines()[0]}") from None
         start, result.epochs = state["epoch"], list(state["log"])
     elif ckpt_path:
         os.makedirs(checkpoint_dir, exist_ok=True)

@@ -23,10 +23,11 @@ from torch import nn
 from ..artifact import history
 from ..errors import SlimkitError
 from ..pipeline import Context, register_stage
+from .config import TransformConfig
 from .fit import batches_from, record_inputs, run_with_hooks
 from .methods import TRANSFORMS, LayerInfo, Transform, channelwise_geometry
 
-__all__ = ["TRANSFORMS", "LayerInfo", "Transform", "apply_transform", "channelwise_geometry", "eligible_layers",
+__all__ = ["TransformConfig", "TRANSFORMS", "LayerInfo", "Transform", "apply_transform", "channelwise_geometry", "eligible_layers",
            "transform_stage"]
 
 ALL = ("all", "all eligible", "all_eligible")
@@ -156,10 +157,11 @@ def _jsonable(opts: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
 
 
-@register_stage("transform")
-def transform_stage(model: nn.Module, ctx: Context, transform: str, layers: str | list[str] | None = None,
-                    num_batches: int = 4, batch_size: int | None = None, max_images: int = 64, **params) -> nn.Module:
-    """Recipe stage: :func:`apply_transform` with calibration batches from the context's train split.
+@register_stage("transform", config=TransformConfig,
+                paper="Howard et al. 2017; Szegedy et al. 2016; Zhang et al. 2018; He et al. 2016; Gao et al. 2018",
+                example={"transform": "depthwise_separable", "num_batches": 1})
+def transform_stage(model: nn.Module, ctx: Context, config: TransformConfig) -> nn.Module:
+    """Replace layers by efficient modules: :func:`apply_transform` with calibration batches from the train split.
 
     ``transform`` names the transform (Howard et al. 2017, Szegedy et al. 2016, Zhang et al.
     2018, He et al. 2016, Lin et al. 2014, Gao et al. 2018: see docs/transform.md), the other
@@ -167,8 +169,9 @@ def transform_stage(model: nn.Module, ctx: Context, transform: str, layers: str 
     stage itself. The replaced and skipped layers go into the stage's provenance record
     (``ctx.details``) and ``model.slimkit_last_transform``.
     """
-    loader = ctx.data.loader("train", batch_size or ctx.batch_size, seed=ctx.seed)
-    apply_transform(model, transform, layers, calib_loader=loader, num_batches=num_batches, max_images=max_images,
-                    record=False, **params)
+    loader = ctx.data.loader("train", config.batch_size or ctx.batch_size, seed=ctx.seed)
+    layers = list(config.layers) if isinstance(config.layers, tuple) else config.layers
+    apply_transform(model, config.transform, layers, calib_loader=loader, num_batches=config.num_batches,
+                    max_images=config.max_images, record=False, **config.options)
     ctx.details.update(model.slimkit_last_transform)
     return model

@@ -9,32 +9,34 @@ import argparse
 import json
 import os
 
-from ..cli import logger, parse_options
+from ..cli import logger
+
+
+def command_configs() -> dict[str, tuple[type, dict]]:
+    """The configs ``slimkit transform`` turns into flags, with how: ``{key: (class, add_arguments options)}``."""
+    from .config import TransformConfig
+
+    return {"transform": (TransformConfig, {"title": "transform", "skip": ("batch_size",), "required": ("transform",)})}
 
 
 def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of ``slimkit transform MODEL [--weights W] --method NAME [--layers a,b] --out DIR``.
 
-    Transform options are ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as
-    text), e.g. ``--opt groups=4``.
+    The flags come from :class:`~slimkit.transform.config.TransformConfig`; transform options are
+    ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as text), e.g. ``--opt groups=4``.
     """
-    from .methods import TRANSFORMS
-
     parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
     parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
     parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--method", required=True, choices=TRANSFORMS.names(), help="the transform")
-    parser.add_argument("--layers", default="all eligible", help="comma-separated module names (default: all eligible)")
-    parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="a transform option")
+    for cls, how in command_configs().values():
+        cls.add_arguments(parser, **how)
     parser.add_argument("--data", help="dataset spec for activation sampling (without: weight-only init)")
     parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-batches", type=int, default=4, help="training batches whose activations are sampled")
     parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's own)")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     return parser
-
 
 
 def cli_transform(args: argparse.Namespace) -> dict:
@@ -57,7 +59,9 @@ def cli_transform(args: argparse.Namespace) -> dict:
     log = logger(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    opts = parse_options(args.opt)
+    from .config import TransformConfig
+
+    config = TransformConfig.from_args(args, skip=("batch_size",), batch_size=args.batch_size)
     data, loader = None, None
     if args.data:
         from ..data import load
@@ -79,21 +83,22 @@ def cli_transform(args: argparse.Namespace) -> dict:
         size = tuple(model_input_size(model, args.model))
     example = torch.zeros(1, *size)
     before = profile(model, example)
-    apply_transform(model, args.method, args.layers, example_input=example, calib_loader=loader,
-                    num_batches=args.num_batches, **opts)
+    layers = list(config.layers) if isinstance(config.layers, tuple) else config.layers
+    apply_transform(model, config.transform, layers, example_input=example, calib_loader=loader,
+                    num_batches=config.num_batches, max_images=config.max_images, **config.options)
     after = profile(model, example)
     rec = model.slimkit_last_transform
     meta = {"input_size": list(size)}
     if data is not None:
         meta.update(dataset=args.data, classes=list(data.info.classes))
     path = save(model, os.path.join(args.out, "model.safetensors"), meta=meta)
-    result = {"artifact": path, "model": args.model, "method": args.method, "params": rec["params"],
+    result = {"artifact": path, "model": args.model, "method": config.transform, "params": rec["params"],
               "replaced": rec["replaced"], "skipped": rec["skipped"], "calibration_images": rec["calibration_images"],
               "before": {"params": before.params, "macs": before.macs},
               "after": {"params": after.params, "macs": after.macs},
               "macs_ratio": after.macs / max(before.macs, 1), "params_ratio": after.params / max(before.params, 1)}
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(result, indent=2))
-    log(f"{args.method}: replaced {len(rec['replaced'])} layer(s), skipped {len(rec['skipped'])}; params "
+    log(f"{config.transform}: replaced {len(rec['replaced'])} layer(s), skipped {len(rec['skipped'])}; params "
           f"{before.params:,} -> {after.params:,}, MACs {before.macs:,} -> {after.macs:,} "
           f"(x{result['macs_ratio']:.3f}); wrote {path}")
     return result
