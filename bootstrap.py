@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Set everything up, then run a job: `python3 bootstrap.py demo` or `python3 bootstrap.py test`.
+"""Set everything up, then run a job: `python3 bootstrap.py demo`, `python3 bootstrap.py test` or `... lint`.
 
 Needs nothing but Python >= 3.11. Creates .venv beside this file, installs PyTorch and slimkit
 into it (again only when pyproject.toml changed), then runs `slimkit ARGS...` or, for `test`,
@@ -50,6 +50,8 @@ def main() -> int:
     env = dict(os.environ)
     if job == "test":
         cmd = [PY, "-m", "pytest", *rest]
+    elif job == "lint":  # ruff, configured in pyproject.toml
+        cmd = [PY, "-m", "ruff", "check", ROOT, *rest]
     elif job == "setup":
         return 0
     else:

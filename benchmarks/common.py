@@ -7,14 +7,13 @@ machine and the date, so results from different scripts live side by side.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import platform
 import re
 import shlex
 import sys
-
-import copy
 
 import torch
 
@@ -58,7 +57,8 @@ def record(name: str, title: str, body: str) -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(body)
-    write_section(DOC, name, f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}",
+    write_section(DOC, name,
+                  f"## {title}\n\nCommand: `{command}`  \nMachine: {machine()}  \nDate: {stamp}\n\n{body.strip()}",
                   "# Benchmarks\n\nEvery table below was written by the script named in its command line.\n")
 
 

@@ -111,7 +111,8 @@ def main() -> None:
     ratios = [e["ratio"]["median"] for e in noise_pair]
 
     body = (f"Machine peak (fp32 matmul, {args.threads} threads): median {peak.fp32_gflops:.1f} GFLOP/s, best "
-            f"{peak.fp32_best_gflops:.1f}; int8: {f'{peak.int8_gops:.1f} GOP/s' if peak.int8_gops else peak.int8_note}. "
+            f"{peak.fp32_best_gflops:.1f}; int8: "
+            f"{f'{peak.int8_gops:.1f} GOP/s' if peak.int8_gops else peak.int8_note}. "
             "Latency is the median over repeated timed runs (CV in brackets); % peak is 2 x MACs / bs64 latency "
             "over the best fp32 matmul rate (the roof). MACs are multiply-accumulates of conv/linear/matmul only.\n\n")
     body += markdown_table(["model", "input", "params", "MACs", "eager bs1 ms (CV)", "eager bs64 img/s", "eager % peak",

@@ -12,7 +12,8 @@ Variants: slimkit ``prune(criterion=...)`` for l1, l2, taylor, slimming (scores 
 model's BN scales as they are, *without* the sparsity pre-training of Liu et al. 2017), thinet
 and lasso (each with its paper's least-squares weight reconstruction after the cut), dcp,
 group_l1 (DepGraph's group magnitude, the importance Torch-Pruning's row uses) and
-random (``ssl`` needs its group-lasso training first and is not run); and Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)`` (L1, its
+random (``ssl`` needs its group-lasso training first and is not run); and Torch-Pruning's ``MetaPruner`` with
+``MagnitudeImportance(p=1)`` (L1, its
 group-mean normalisation), global pruning, ``round_to=8``, the final linear ignored, its
 ``pruning_ratio`` found by bisection so its profiled MACs are the largest that still meet the
 same target. Torch-Pruning does not understand the option-A shortcut (``F.pad`` over channels:
@@ -21,7 +22,8 @@ equivalent ``IndexPad`` (cat a zero channel + index_select) with a customised pr
 
 A variant takes ``:FLAG`` suffixes: ``untied`` prunes with ``untie_shortcuts=True`` (each ResNet
 stage's trunk on its own, the library's default); without it the benchmark passes
-``untie_shortcuts=False`` (a stage-1 trunk channel and its copies in later stages together); ``ceil`` rounds each group's kept width up instead of down (``rounding``);
+``untie_shortcuts=False`` (a stage-1 trunk channel and its copies in later stages together); ``ceil`` rounds each
+group's kept width up instead of down (``rounding``);
 ``kd`` fine-tunes with Hinton et al.'s distillation from the unpruned model (T=4, alpha 0.9 as
 ``slimkit.distill``'s defaults) instead of plain cross-entropy -- same epochs, lr and schedule;
 ``kd@NAME`` distils from another adapted baseline instead (``kd@resnet56`` for resnet20: a
@@ -87,8 +89,7 @@ from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.distill import distill_terms  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.prune import (criteria_needing_data, held_out_loader, prune, prune_blocks, sensitivity_ratios,  # noqa: E402
-                           sparsity_term)
+from slimkit.prune import criteria_needing_data, held_out_loader, prune, prune_blocks, sensitivity_ratios, sparsity_term  # noqa: E402
 from slimkit.prune.depth import SCORINGS  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
 

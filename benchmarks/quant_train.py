@@ -108,7 +108,8 @@ def main() -> None:
                 return info
 
             i = cached(args.out, key, args.fresh, run_qat)
-            rows.append([name, f"{100 * i['float']:.2f}", f"{100 * i['ptq']:.2f} ({100 * (i['ptq'] - i['float']):+.2f})",
+            rows.append([name, f"{100 * i['float']:.2f}",
+                         f"{100 * i['ptq']:.2f} ({100 * (i['ptq'] - i['float']):+.2f})",
                          f"{100 * i['control_ptq']:.2f} ({100 * (i['control_ptq'] - i['float']):+.2f}; float "
                          f"{100 * i['control_float']:.2f})",
                          f"{100 * i['qat']:.2f} ({100 * (i['qat'] - i['float']):+.2f})", f"{i['qat_min']:.1f}"])

@@ -33,8 +33,8 @@ from slimkit.bench import compare  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.errors import SlimkitError  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
-from slimkit.transform import TRANSFORMS, apply_transform  # noqa: E402
 from slimkit.train import evaluate, fit  # noqa: E402
+from slimkit.transform import TRANSFORMS, apply_transform  # noqa: E402
 
 INPUT = (3, 32, 32)
 
@@ -46,7 +46,8 @@ def log(msg: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet20")
-    p.add_argument("--transforms", default=",".join(TRANSFORMS.names()) + ",bottleneck:ratio=2,grouped_shuffle:groups=4",
+    p.add_argument("--transforms",
+                   default=",".join(TRANSFORMS.names()) + ",bottleneck:ratio=2,grouped_shuffle:groups=4",
                    help="comma-separated NAME or NAME:KEY=VALUE[:KEY=VALUE] (transform options)")
     p.add_argument("--train-limit", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=1)
@@ -117,7 +118,8 @@ def main() -> None:
             continue
         sp = info.get("speedup", {})
         rows.append([f"`{name}`" if not name.startswith("(") else name,
-                     f"{info.get('replaced', 0)}", f"{info['params'] / 1e3:.1f} k ({info['params'] / prof0.params:.2f})",
+                     f"{info.get('replaced', 0)}",
+                     f"{info['params'] / 1e3:.1f} k ({info['params'] / prof0.params:.2f})",
                      f"{info['macs'] / 1e6:.1f} M ({info['macs'] / prof0.macs:.2f})", f"{100 * info['top1_init']:.2f}",
                      f"{100 * info['top1_ft']:.2f}", f"{100 * (info['top1_ft'] - base_top1):+.2f}",
                      f"{sp.get('1', float('nan')):.2f}x", f"{sp.get('64', float('nan')):.2f}x"])

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, markdown_table  # noqa: E402
+
 from slimkit.models import MODELS  # noqa: E402
 from slimkit.models.torchvision_zoo import TORCHVISION_MODELS  # noqa: E402
 from slimkit.profile import profile  # noqa: E402

@@ -100,7 +100,8 @@ def time_model(spec: str, threads: int, repeats: int, big_repeats: int, big_bs: 
                name=spec).results["eager"][1]
     rb = bench(model, size, batch_sizes=(big_bs,), threads=threads, modes=("eager",), warmup=1, repeats=big_repeats,
                min_time_s=0.0, name=spec).results["eager"][big_bs]
-    return {"spec": spec, "input": "x".join(map(str, size)), "params": prof.params, "macs": prof.macs, "dw_macs": dw, "grouped_macs": g,
+    return {"spec": spec, "input": "x".join(map(str, size)), "params": prof.params, "macs": prof.macs, "dw_macs": dw,
+            "grouped_macs": g,
             "bs1_ms": r1["median_ms"], "bs1_cv": r1["cv"], "bs1_peak": r1["peak_fraction"], "big_bs": big_bs,
             "big_ips": rb["throughput_ips"], "big_cv": rb["cv"], "big_peak": rb["peak_fraction"],
             "seconds": time.perf_counter() - t0}
@@ -217,7 +218,8 @@ def main() -> None:
         args.models = args.models or "lenet5,resnet20,mobilenet_v1_cifar,shufflenet_v1"
         args.train_models = args.train_models or "lenet5,resnet20,mobilenet_v2@32"
         args.cache = os.path.join(ROOT, "runs", "zoo_tradeoff_smoke.json")
-    time_specs = args.models.split(",") if args.models else CIFAR_MODELS + (LARGE_CIFAR if args.large else []) + IMAGENET_MODELS
+    time_specs = (args.models.split(",") if args.models
+                  else CIFAR_MODELS + (LARGE_CIFAR if args.large else []) + IMAGENET_MODELS)
     train_specs = args.train_models.split(",") if args.train_models else TRAIN_MODELS
     img_dir = os.path.join(ROOT, "runs", "zoo_tradeoff_smoke") if args.no_record else IMG
     os.makedirs(img_dir, exist_ok=True)
@@ -258,7 +260,8 @@ def main() -> None:
                 # one (a uniformly slowed run can show a *lower* CV, so CV is not the criterion)
                 best = again if again["bs1_ms"] < old["bs1_ms"] else old
                 cache[key] = dict(best, timings=old.get("timings", 1) + 1,
-                                  other_bs1=[t["bs1_ms"] for t in (old, again) if t is not best] + old.get("other_bs1", []))
+                                  other_bs1=[t["bs1_ms"] for t in (old,
+                                                                   again) if t is not best] + old.get("other_bs1", []))
                 save()
             if cache[key]["grouped_macs"] and "dw_time" not in cache[key]:
                 cache[key].update(time_shares(spec, 20))
@@ -291,24 +294,31 @@ def main() -> None:
     # ---- tables ------------------------------------------------------------------------------------
     body = (f"Eager PyTorch, {args.threads} thread(s), fp32, untrained weights for timing (weights do not change "
             f"the work). Machine fp32 peak: median {peak_gflops:.1f} GFLOP/s of a 1024^3 matmul at "
-            f"{args.threads} thread(s), measured once at the start of the run (it varies with the machine's load). Batch-1 latency is the median of at least {args.repeats} samples and 0.5 s "
+            f"{args.threads} thread(s), measured once at the start of the run (it varies with the machine's load). "
+            f"Batch-1 latency is the median of at least {args.repeats} samples and 0.5 s "
             f"(CV in brackets); the large-batch column is batch {args.bs} for 32x32 inputs and batch {args.bs_224} "
             f"for 224x224 ones (median of {args.big_repeats} samples after one warm-up call; batch 64 at 224 takes "
             "seconds per call on one thread). ns/MAC = bs1 latency / MACs; % peak = 2 x MACs x batch / latency over "
             "the matmul peak. 'dw / grouped' is the share of MACs in depthwise convolutions (groups = "
-            "channels) / in all convolutions with groups > 1 (depthwise plus group and channel-wise convs), and the share of batch-1 "
-            "eager time spent in those layers, from per-layer forward hooks (`slimkit.report.layer_latency`, median of 20 "
+            "channels) / in all convolutions with groups > 1 (depthwise plus group and channel-wise convs), and the "
+            "share of batch-1 "
+            "eager time spent in those layers, from per-layer forward hooks (`slimkit.report.layer_latency`, median "
+            "of 20 "
             "runs; the hooks add a few microseconds per layer). Rows marked 'timed Nx' were measured N times "
-            "(each --retime-cv pass re-times a row whose kept bs1 CV exceeds the threshold); the table keeps the measurement with the "
-            "lowest bs1 median (interference only adds time) and lists the others. A shared, loaded 2-core machine: read CVs above ~10% as noisy.\n\n")
-    headers = ["model", "input", "params", "MACs", "dw / grouped % MACs", "dw / grouped % bs1 time", "bs1 ms (CV)", "ns/MAC bs1", "% peak bs1",
+            "(each --retime-cv pass re-times a row whose kept bs1 CV exceeds the threshold); the table keeps the "
+            "measurement with the "
+            "lowest bs1 median (interference only adds time) and lists the others. A shared, loaded 2-core machine: "
+            "read CVs above ~10% as noisy.\n\n")
+    headers = ["model", "input", "params", "MACs", "dw / grouped % MACs", "dw / grouped % bs1 time", "bs1 ms (CV)",
+               "ns/MAC bs1", "% peak bs1",
                "large batch img/s", "% peak large batch"]
     rows = []
     for t in timed:
         rows.append([f"`{short(t['spec'])}`" + (" (torchvision, no CIFAR variant)" if "@" in t["spec"] else "")
                      + (f" [timed {t['timings']}x, other bs1: {', '.join(f'{v:.2f}' for v in t['other_bs1'])} ms]"
                         if t.get("timings", 1) > 1 else ""),
-                     t["input"], fmt_n(t["params"]), fmt_n(t["macs"]), f"{t['dw_macs'] / t['macs']:.1%} / {t['grouped_macs'] / t['macs']:.0%}",
+                     t["input"], fmt_n(t["params"]), fmt_n(t["macs"]),
+                     f"{t['dw_macs'] / t['macs']:.1%} / {t['grouped_macs'] / t['macs']:.0%}",
                      f"{t['dw_time']:.0%} / {t['grouped_time']:.0%}" if "dw_time" in t else "-",
                      f"{t['bs1_ms']:.2f} ({t['bs1_cv']:.0%})", f"{t['bs1_ms'] * 1e6 / t['macs']:.2f}",
                      f"{frac(t['macs'], 1, t['bs1_ms']):.0%}", f"{t['big_ips']:.0f} (bs{t['big_bs']})",
@@ -321,8 +331,10 @@ def main() -> None:
 
     tmap = {t["spec"]: t for t in timed}
     if trained:
-        test_what = f"{trained[0]['n']:,} class-balanced test images" if args.test_limit else "the full 10,000-image test split"
-        body += (f"### Accuracy at a fixed small training budget\n\nEvery row trained from scratch with the same budget: "
+        test_what = (f"{trained[0]['n']:,} class-balanced test images" if args.test_limit
+                     else "the full 10,000-image test split")
+        body += (f"### Accuracy at a fixed small training budget\n\n"
+                 f"Every row trained from scratch with the same budget: "
                  f"{budget}; evaluated on {test_what}. This budget is far below convergence (the papers train "
                  "for 150-300 epochs on 50,000 images), so the numbers rank how fast each architecture learns "
                  "in its first few hundred steps, not its final accuracy; a network that needs more steps "
@@ -340,7 +352,8 @@ def main() -> None:
         stuck = [f"`{short(r['spec'])}` ({100 * r['top1']:.1f}%)" for r in trained if r["top1"] < 0.12]
         if stuck:
             body += (f"{', '.join(stuck)} stayed at chance level (10%): within this budget they did not start "
-                     "learning at this learning rate (NiN has no batch norm; a deeper network such as ResNet-56 needs more, or warmed-up, "
+                     "learning at this learning rate (NiN has no batch norm; a deeper network such as ResNet-56 "
+                     "needs more, or warmed-up, "
                      "steps than ResNet-20), which says nothing about their accuracy at convergence.\n\n")
 
     # ---- plots -------------------------------------------------------------------------------------
@@ -420,15 +433,18 @@ def paragraph(timed: list[dict]) -> str:
         f"{min(time_share):.0%}-{max(time_share):.0%} of the batch-1 time (per-layer hooks), i.e. "
         f"{ratio[0]:.0f}-{ratio[-1]:.0f}x its MAC share; a depthwise 3x3 does only 9 MACs per input value it "
         "loads and has no large matrix multiply to hand to the BLAS, so it runs memory- and overhead-bound. "
-        f"ShuffleNet v1 adds grouped 1x1 convolutions ({by['shufflenet_v1']['grouped_macs'] / by['shufflenet_v1']['macs']:.0%} "
-        f"of its MACs) that are also far below GEMM speed: at 224x224 it needs {ns('shufflenet_v1'):.2f} ns/MAC, and its "
+        "ShuffleNet v1 adds grouped 1x1 convolutions "
+        f"({by['shufflenet_v1']['grouped_macs'] / by['shufflenet_v1']['macs']:.0%} "
+        f"of its MACs) that are also far below GEMM speed: at 224x224 it needs {ns('shufflenet_v1'):.2f} ns/MAC, and "
+        "its "
         f"{mm('shufflenet_v1')} take {ms('shufflenet_v1')}, about as long as `mobilenet_v1`'s {mm('mobilenet_v1')} "
         f"({ms('mobilenet_v1')}). At 224x224 MobileNet v1 itself is efficient ({ns('mobilenet_v1'):.2f} ns/MAC against "
         f"`resnet18`'s {r18['bs1_ms'] * 1e6 / r18['macs']:.2f}) because its pointwise 1x1 layers are large GEMMs "
         "that dominate the time; the depthwise penalty bites at CIFAR sizes, where the maps are small and the "
         f"per-layer overhead of eager PyTorch is a large part of each layer: torchvision `mobilenet_v2` at 32x32 "
         f"does {mm('mobilenet_v2@32')} in {ms('mobilenet_v2@32')} ({ns('mobilenet_v2@32'):.2f} ns/MAC), set by its "
-        "141 leaf modules (conv, batch norm, ReLU6) on maps of 16x16 down to 1x1, not by arithmetic. So on this CPU MACs rank models of one design, and a depthwise- or "
+        "141 leaf modules (conv, batch norm, ReLU6) on maps of 16x16 down to 1x1, not by arithmetic. So on this CPU "
+        "MACs rank models of one design, and a depthwise- or "
         "group-conv design must be timed, not counted. Rows with a CV above ~20% were measured while other jobs "
         "loaded the machine; their medians may be high, not low.\n\n")
 
@@ -461,9 +477,12 @@ def analysis(timed: list[dict]) -> str:
         def listing(ts):
             return ", ".join(f"{short(t['spec'])} {ns(t):.2f}" for t in sorted(ts, key=ns))
 
-        med = lambda v: sorted(v)[len(v) // 2] if v else float("nan")
+        def med(v):
+            return sorted(v)[len(v) // 2] if v else float("nan")
+
         out.append(f"{label} models above 10M MACs (n={len(group)}): log-log correlation of bs1 latency with MACs "
-                   f"{corr(lx, ly):.2f}; median ns/MAC {med([ns(t) for t in dense]):.2f} for models without depthwise convs "
+                   f"{corr(lx, ly):.2f}; median ns/MAC {med([ns(t) for t in dense]):.2f} for models without "
+                   "depthwise convs "
                    f"({listing(dense)}) vs "
                    f"{med([ns(t) for t in heavy]):.2f} for models with depthwise convs "
                    f"({listing(heavy)}).")

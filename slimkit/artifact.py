@@ -221,6 +221,24 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
     ``meta`` is stored beside the provenance (e.g. dataset spec, input size, metrics). The base
     spec comes from ``model.slimkit_base``, set by :func:`slimkit.create_model`; a model without
     one can still be saved when every module in it is a registered or ``torch.nn`` type.
+
+    Args:
+        model: the model (any state: pruned, quantized, transformed).
+        path: the file to write (a temporary file beside it is renamed into place).
+        meta: JSON data to keep with it.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        SlimkitError: ``meta`` is not JSON, or a state entry is not a tensor.
+
+    Example:
+        >>> import os, tempfile, slimkit
+        >>> p = save(slimkit.create_model("digits_cnn"), os.path.join(tempfile.mkdtemp(), "m.safetensors"),
+        ...          meta={"note": "untrained"})
+        >>> read_header(p)["meta"]
+        {'note': 'untrained'}
     """
     from safetensors.torch import save_file
 

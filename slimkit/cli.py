@@ -17,6 +17,7 @@ from collections.abc import Callable
 from .errors import SlimkitError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
+TRAIN_DEFAULTS = {"epochs": 10, "lr": 0.1}  # `slimkit train` trains from scratch; recipes' fine-tunes default lower
 
 
 def command(name: str):
@@ -40,27 +41,6 @@ def logger(args: argparse.Namespace) -> Callable[[str], None]:
     return lambda msg: print(msg, file=stream, flush=True)
 
 
-def parse_options(pairs: list[str]) -> dict:
-    """``--opt KEY=VALUE`` pairs as a dict; values are parsed as JSON when they are JSON, else kept as text."""
-    opts = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SlimkitError(f"--opt expects KEY=VALUE, got {pair!r}")
-        try:
-            opts[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            opts[key.replace("-", "_")] = value
-    return opts
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _model(args: argparse.Namespace, num_classes: int | None = None):
     from .models import create_model
     from .models.registry import is_artifact_path
@@ -75,23 +55,21 @@ def cmd_train(args: argparse.Namespace) -> dict:
     """Train (or fine-tune) a model and write it as an artifact."""
     from .artifact import atomic_write_text, history, save
     from .data import load
-    from .train import check_input, evaluate, fit
+    from .train import check_input, evaluate, fit, seed_everything
+    from .train.config import FitConfig
 
-    from .train import seed_everything
-
+    config = FitConfig.from_args(args)
     data = load(args.data, limit=args.limit, seed=args.seed)
     seed_everything(args.seed)  # the initial weights are part of the run: same seed, same model
     model = _model(args, data.info.num_classes)
     check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
-    run = fit(model, data.loader("train", args.batch_size, seed=args.seed), epochs=args.epochs,
-              val=data.loader("val", args.batch_size) if len(data.val) else None, optimizer=args.optimizer,
-              lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
+    run = fit(model, data.loader("train", args.batch_size, seed=args.seed),
+              val=data.loader("val", args.batch_size) if len(data.val) else None, seed=args.seed,
               checkpoint_dir=os.path.join(args.out, "checkpoints"), resume=not args.no_resume,
-              progress=not args.json)
+              progress=not args.json, **config.fit_kwargs())
     test = evaluate(model, data.loader("test", args.batch_size))
-    params = {k: getattr(args, k) for k in ("epochs", "lr", "optimizer", "schedule", "weight_decay",
-                                            "batch_size", "seed")}
-    history(model).append({"stage": "train", "params": params, "metrics": {"test_top1": test["top1"]}})
+    history(model).append({"stage": "train", "params": config.to_dict(), "batch_size": args.batch_size,
+                           "seed": args.seed, "metrics": {"test_top1": test["top1"]}})
     path = save(model, os.path.join(args.out, "model.safetensors"),
                 meta={"dataset": args.data, "input_size": list(data.info.input_size),
                       "classes": list(data.info.classes)})
@@ -186,7 +164,8 @@ def cmd_profile(args: argparse.Namespace) -> dict:
         from .report import layer_latency, plot_layers
 
         latency = layer_latency(model, torch.zeros(1, *size))
-        result["plot"] = plot_layers(result["layers"], args.plot, latency, title=f"{args.model}: per-layer MACs and latency")
+        result["plot"] = plot_layers(result["layers"], args.plot, latency,
+                                     title=f"{args.model}: per-layer MACs and latency")
     if not args.json:
         print(prof.table(top=args.top))
     return result
@@ -269,6 +248,20 @@ class Parser(argparse.ArgumentParser):
         raise SlimkitError(f"{message} (see '{self.prog} --help')")
 
 
+def command_configs(name: str) -> dict[str, tuple[type, dict]]:
+    """The configs whose fields command ``name`` turns into flags: ``{key: (config class, add_arguments options)}``.
+
+    One place per command, read by the parser and by the test that checks ``--help`` against the fields.
+    """
+    if name == "train":
+        from .train.config import FitConfig
+
+        return {"fit": (FitConfig, {"title": "training", "defaults": TRAIN_DEFAULTS})}
+    if name in PLUGIN_COMMANDS:
+        return importlib.import_module(PLUGIN_COMMANDS[name][0]).command_configs()
+    return {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="slimkit", description="Make trained CNNs smaller and faster, measurably.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -299,11 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("train", "train or fine-tune a model")
     model_args(sp)
     data_args(sp)
-    sp.add_argument("--epochs", type=int, default=10)
-    sp.add_argument("--lr", type=float, default=0.1)
-    sp.add_argument("--weight-decay", type=float, default=5e-4)
-    sp.add_argument("--optimizer", default="sgd", help="sgd, adam, adamw, yogi, accelegrad")
-    sp.add_argument("--schedule", default="cosine", help="cosine, onecycle, constant")
+    for cls, how in command_configs("train").values():
+        cls.add_arguments(sp, **how)
     sp.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
     sp.add_argument("--out", required=True)
     sp = add("eval", "evaluate top-1/top-5 accuracy")

@@ -24,6 +24,23 @@ and that one declaration is
   :meth:`MethodConfig.from_dict`, with a version so a record written today still loads when a
   field is added later: missing fields take their defaults, :meth:`MethodConfig.migrate`
   renames old ones).
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class ToyConfig(MethodConfig):
+    ...     family = "toy"
+    ...     ratio: float = option(0.5, "fraction to remove", low=0, high=1, high_inclusive=False)
+    >>> ToyConfig.from_options({"ratio": 0.25}).to_dict()
+    {'version': 1, 'ratio': 0.25}
+    >>> ToyConfig.from_options({"ratoi": 0.25}, where="stage 1 (toy)")
+    Traceback (most recent call last):
+    ...
+    slimkit.errors.SlimkitError: stage 1 (toy): unknown option 'ratoi' (did you mean 'ratio'?)
+    >>> ToyConfig(ratio=1.0)
+    Traceback (most recent call last):
+    ...
+    slimkit.config.ConfigError: toy: ratio: must be in [0, 1), got 1.0
 """
 
 from __future__ import annotations
@@ -41,10 +58,12 @@ from .errors import SlimkitError
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+def option(default: Any = _MISSING, help: str = "", *, choices: Iterable[str] | Callable[[],
+                                                                                         Iterable[str]] | None = None,
            low: float | None = None, high: float | None = None, low_inclusive: bool = True,
            high_inclusive: bool = True, flag: str | None = None, invert_flag: str | None = None, cli: bool = True,
-           metavar: str | None = None, repeat: bool = False) -> Any:
+           metavar: str | None = None, repeat: bool = False,
+           listing: Iterable[str] | Callable[[], Iterable[str]] | None = None) -> Any:
     """A config field: its default, one line of help, and the checks every value must pass.
 
     Args:
@@ -60,10 +79,11 @@ def option(default: Any = _MISSING, help: str = "", *, choices: Iterable[str] | 
         cli: False keeps the field off the command line (mappings that a recipe sets).
         metavar: the flag's value placeholder.
         repeat: for a mapping, the flag is given once per ``KEY=VALUE`` (``--opt T=4 --opt alpha=0.9``).
+        listing: names shown in the help and docs without restricting the value (``at+kd`` combines two).
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_inclusive": low_inclusive,
             "high_inclusive": high_inclusive, "flag": flag, "invert_flag": invert_flag, "cli": cli, "metavar": metavar,
-            "repeat": repeat}
+            "repeat": repeat, "listing": listing}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -233,7 +253,8 @@ class MethodConfig:
         for key in options:
             close = difflib.get_close_matches(str(key), accepted, 1)
             raise SlimkitError(f"{prefix}unknown option {path + str(key)!r}"
-                               + (f" (did you mean {path + close[0]!r}?)" if close else f" (known: {', '.join(accepted)})"))
+                               + (f" (did you mean {path + close[0]!r}?)" if close
+                                  else f" (known: {', '.join(accepted)})"))
         try:
             return cls(**own)
         except ConfigError as e:
@@ -325,7 +346,7 @@ class MethodConfig:
             flag = cls.flag(f.name, rename, prefix)
             parser.set_defaults(**{f"_flag_{dest}": flag})  # from_args names a refused value by its flag
             text = meta.get("help", "")
-            names = _names(meta.get("choices"))
+            names = _names(meta.get("choices")) or _names(meta.get("listing"))
             base = _strip_optional(hint)
             if base is bool:
                 if default:
@@ -343,7 +364,8 @@ class MethodConfig:
                 continue
             parse = _parser_for(base)
             shown = _jsonable(default)
-            suffix = "" if default is None or default == () or default == {} else f" (default: {_cli_text(shown)})"
+            quiet = default is None or default == () or default == {} or f.name in required
+            suffix = "" if quiet else f" (default: {_cli_text(shown)})"
             kwargs: dict[str, Any] = {"dest": dest, "type": parse, "default": default, "help": text + suffix,
                                       "required": f.name in required}
             if names:  # listed in the help; the config itself refuses others, with a did-you-mean
@@ -533,14 +555,23 @@ def _jsonable(value: Any) -> Any:
 
 
 def describe_fields(cls: type[MethodConfig]) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) of every field: the rows of a generated docs table."""
+    """(name, type, default, help) of every option as a recipe writes it: the rows of a generated docs table.
+
+    A nested config written flat (``cls.flat``) contributes its own fields' rows.
+    """
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
+        if f.name in cls.flat:
+            rows += describe_fields(_strip_optional(hints[f.name]))
+            continue
         default = f.default if f.default is not _MISSING else f.default_factory()
         text = f.metadata.get("help", "")
-        names = _names(f.metadata.get("choices"))
+        names = _names(f.metadata.get("choices")) or _names(f.metadata.get("listing"))
         if names:
             text += f" ({', '.join(names)})"
-        rows.append((f.name, _hint_text(hints[f.name]), repr(_jsonable(default)), text))
+        if f.name == cls.extras:
+            text += "; written as keys beside these"
+        shown = "-" if isinstance(default, MethodConfig) else repr(_jsonable(default))
+        rows.append((f.name, _hint_text(hints[f.name]), shown, text))
     return rows

@@ -117,7 +117,7 @@ def parse_json(text: str, where: str, limits: Limits = DEFAULT) -> Any:
 
 
 def expect(value: Any, types: type | tuple[type, ...], where: str, path: tuple, what: str | None = None) -> Any:
-    """``value`` if it has one of ``types`` (``bool`` never passes for ``int``), else a SlimkitError naming the field."""
+    """``value`` if it has one of ``types`` (a ``bool`` is no ``int``), else a SlimkitError naming the field."""
     types = types if isinstance(types, tuple) else (types,)
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:

@@ -10,13 +10,14 @@ A recipe (YAML or a dict) names the model, the data and an ordered list of stage
         epochs: 2
         lr: 0.01
 
-Every stage is a function registered with :func:`register_stage` taking ``(model, ctx, **params)``
-and returning the (possibly new) model; pruning, quantization, distillation and decomposition
-register theirs the same way. Any stage may carry ``finetune: {epochs: ..., lr: ...}`` to recover
-accuracy right after it, and ``finetune: {distill: kd, ...}`` makes that recovery a distillation
-with the model as it was before the stage as the teacher. After each stage the pipeline evaluates on the validation split (used
-for decisions) and the test split (reported only), counts parameters and MACs, records it all in
-the model's provenance, and finally writes the artifact and a JSON report.
+Every stage is a function ``(model, ctx, config) -> model`` registered with :func:`register_stage`
+together with its config class (:mod:`slimkit.config`), so a stage's options are validated when the
+recipe is loaded, before any data is read, and recorded as the config's ``to_dict()``. Any stage may
+carry ``finetune: {epochs: ..., lr: ...}`` (a :class:`FinetuneConfig`) to recover accuracy right after
+it, and ``finetune: {distill: kd, ...}`` makes that recovery a distillation with the model as it was
+before the stage as the teacher. After each stage the pipeline evaluates on the validation split
+(used for decisions) and the test split (reported only), counts parameters and MACs, records it all
+in the model's provenance, and finally writes the artifact and a JSON report.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ import yaml
 from torch import nn
 
 from .artifact import atomic_write_text, history, save
-from .data import Dataset, load as load_data
+from .config import option
+from .data import Dataset
+from .data import load as load_data
 from .errors import SlimkitError
 from .models import create_model
 from .registry import Registry
 from .train import check_input, evaluate, fit
-from .config import option
 from .train.config import FitConfig
 
 StageFn = Callable[..., nn.Module]
@@ -52,8 +54,7 @@ class StageEntry:
     ``run(model, ctx, config) -> model`` does the work; ``config`` is the :class:`~slimkit.config.MethodConfig`
     class of its options (a recipe stage's keys, validated when the recipe is loaded); ``paper``
     cites the method; ``example`` holds options that run in seconds on the digits CNN, used by the
-    contract tests (:mod:`slimkit.testing`) and the generated docs; ``needs_data`` says whether it
-    reads the context's data beyond measuring.
+    contract tests (:mod:`slimkit.testing`) and the generated docs.
     """
 
     name: str
@@ -143,6 +144,12 @@ class Context:
 FIT_ARGS = set(FitConfig.field_names())
 
 
+def _distill_methods() -> list[str]:
+    from .distill import METHODS
+
+    return METHODS.names()
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(FitConfig):
     """Fine-tuning after (or as) a stage: :class:`~slimkit.train.config.FitConfig`, optionally as distillation.
@@ -159,7 +166,8 @@ class FinetuneConfig(FitConfig):
 
     family = "finetune"
 
-    distill: str | None = option(None, "fine-tune by distillation from the model before the stage (kd, at, kd+at, ...)")
+    distill: str | None = option(None, "fine-tune by distillation from the model before the stage (methods joined by "
+                                       "'+')", listing=_distill_methods)
     teacher: str | None = option(None, "teacher for --distill instead of the model before the stage: a registered "
                                        "name or artifact path")
     teacher_weights: str | None = option(None, "weights file for --teacher")
@@ -175,7 +183,8 @@ class FinetuneConfig(FitConfig):
 
             for name in self.distill.split("+"):
                 if name.strip() not in METHODS:
-                    raise self.error("distill", f"unknown method {name.strip()!r} (known: {', '.join(METHODS.names())})")
+                    raise self.error("distill",
+                                     f"unknown method {name.strip()!r} (known: {', '.join(METHODS.names())})")
 
     @property
     def fit(self) -> FitConfig:
@@ -198,7 +207,7 @@ def run_finetune(model: nn.Module, ctx: Context, config: FitConfig | None = None
 
 
 def recover(model: nn.Module, ctx: Context, config: FinetuneConfig, before: nn.Module | None) -> nn.Module:
-    """Fine-tune ``model`` after a stage as ``config`` says: plain, or distilled from ``before`` or ``config.teacher``."""
+    """Fine-tune ``model`` after a stage as ``config`` says: plainly, or distilled from ``before`` or a teacher."""
     if not config.distill:
         return run_finetune(model, ctx, config.fit)
     from .distill import finetune_with_distillation, load_teacher
@@ -298,7 +307,8 @@ def validate_recipe(recipe: Any, where: str = "recipe", *, from_file: bool = Fal
         for holder, path in ((stage, ("stages", i)), (stage.get("finetune") or {}, ("stages", i, "finetune"))):
             if from_file and isinstance(holder, dict) and isinstance(holder.get("teacher"), str):
                 # a model spec inside the file: code only if trusted
-                holder["teacher"] = document_spec(holder["teacher"], f"{where}: field {field_path(path + ('teacher',))}")
+                holder["teacher"] = document_spec(holder["teacher"],
+                                                  f"{where}: field {field_path(path + ('teacher',))}")
         stage_configs(stage, i + 1, where)
     return recipe
 
@@ -325,8 +335,31 @@ def run_recipe(recipe: dict, out_dir: str, *, progress: bool | None = None,
                log: Callable[[str], None] = print, trust_code: str | list[str] | None = None) -> dict:
     """Run a recipe end to end; write ``model.safetensors`` and ``report.json`` to ``out_dir``.
 
-    Returns the report: the metrics before any stage and after each stage, the artifact path
-    and its size on disk. ``trust_code``: the ``.py`` files a model spec of the recipe may run.
+    Every stage's options are validated (its config class) before any data is read; after each
+    stage the model is measured and the stage's config, recovery and metrics go into the
+    artifact's provenance.
+
+    Args:
+        recipe: the recipe mapping (module docstring), e.g. from :func:`load_recipe`.
+        out_dir: where the artifact, the report and the stages' checkpoints go.
+        progress: show progress bars (default: the recipe's ``progress``, else yes).
+        log: where the one-line summaries go.
+        trust_code: the ``.py`` files a model spec of the recipe may run (:mod:`slimkit.trust`).
+
+    Returns:
+        The report: the metrics before any stage and after each stage, the artifact path and its
+        size on disk.
+
+    Raises:
+        SlimkitError: an invalid recipe (named by stage and option) or a failing stage.
+
+    Example:
+        >>> import tempfile
+        >>> report = run_recipe({"model": "digits_cnn", "data": "digits", "limit": 60, "progress": False,
+        ...                      "stages": [{"method": "prune", "target_macs": 0.6, "round_to": 4}]},
+        ...                     tempfile.mkdtemp(), log=lambda line: None)
+        >>> report["steps"][1]["metrics"]["macs"] <= 0.6 * report["steps"][0]["metrics"]["macs"]
+        True
     """
     from .trust import trust_code as trusting
 

@@ -98,15 +98,15 @@ def plot_layers(layers: Sequence[dict], path: str, latency_ms: dict[str, float] 
                 title: str = "") -> str:
     """Per-layer bars of MACs (and measured latency when given), in execution order."""
     plt = _pyplot()
-    rows = [l for l in layers if l.get("macs") or (latency_ms and l["name"] in latency_ms)]
-    names = [l["name"] or "<root>" for l in rows]
+    rows = [row for row in layers if row.get("macs") or (latency_ms and row["name"] in latency_ms)]
+    names = [row["name"] or "<root>" for row in rows]
     panels = 2 if latency_ms else 1
     fig, axes = plt.subplots(panels, 1, figsize=(max(8, 0.22 * len(rows)), 3.2 * panels), squeeze=False)
-    axes[0][0].bar(range(len(rows)), [l.get("macs", 0) / 1e6 for l in rows], color="tab:blue")
+    axes[0][0].bar(range(len(rows)), [row.get("macs", 0) / 1e6 for row in rows], color="tab:blue")
     axes[0][0].set_ylabel("MACs (M)")
     axes[0][0].set_title(title or "per-layer MACs" + (" and latency" if latency_ms else ""))
     if latency_ms:
-        axes[1][0].bar(range(len(rows)), [latency_ms.get(l["name"], 0.0) for l in rows], color="tab:orange")
+        axes[1][0].bar(range(len(rows)), [latency_ms.get(row["name"], 0.0) for row in rows], color="tab:orange")
         axes[1][0].set_ylabel("latency (ms, batch 1)")
     for i, (ax,) in enumerate(axes):
         ax.set_xticks(range(len(rows)))

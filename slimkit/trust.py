@@ -88,6 +88,6 @@ def trusted_file(recorded: str) -> str | None:
 
 def refuse(recorded: str, fn: str, where: str) -> SlimkitError:
     """The one-line error for a document that names code nobody trusted."""
-    return SlimkitError(f"{where} names code to run: its model is built by {fn}() in {recorded}, and slimkit never runs "
-                        f"code a file names; if you trust that file, pass --trust-code {os.path.basename(recorded)} "
-                        f"(Python: trust_code=PATH)")
+    return SlimkitError(f"{where} names code to run: its model is built by {fn}() in {recorded}, and slimkit never "
+                        f"runs code a file names; if you trust that file, pass --trust-code "
+                        f"{os.path.basename(recorded)} (Python: trust_code=PATH)")

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from slimkit.testing import randomize_bn  # noqa: F401  (the tests' shared helper)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 CIFAR_JPEG = os.path.join(SHARED, "data", "cifar10-jpeg")
@@ -17,19 +19,6 @@ def need(path: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent (the ../shared folder beside the project provides it)")
     return path
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BN statistics and affine terms (fresh BN is the identity), so folding and fusion are non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 def run_cli(*argv: str) -> dict:

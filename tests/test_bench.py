@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from slimkit import SlimkitError
-from slimkit.bench import (BenchResult, CompareResult, bench, build_runner, compare, count_macs, machine_peak,
-                           onnxruntime_available, run_bench_cli, stats)
+from slimkit.bench import (
+    BenchResult,
+    CompareResult,
+    bench,
+    build_runner,
+    compare,
+    count_macs,
+    machine_peak,
+    onnxruntime_available,
+    run_bench_cli,
+    stats,
+)
 
 SIZE = (3, 16, 16)
 FAST = dict(warmup=2, repeats=5, min_time_s=0.0)  # few samples: these tests check the harness, not the machine

@@ -6,11 +6,10 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import CIFAR_JPEG, RESNET20, ROOT, need
 
 import slimkit
 from slimkit.cli import main
-
-from conftest import CIFAR_JPEG, RESNET20, ROOT, need
 
 
 def run(capsys, *argv):
@@ -26,7 +25,8 @@ def test_bad_input_gives_one_clear_line(capsys, tmp_path):
         (["eval", "digits_cnn", "--data", f"cifar10:{tmp_path}/nope"], "nope"),
         (["eval", "digits_cnn", "--weights", str(tmp_path / "w.th"), "--data", "digits"], "weights file not found"),
         (["eval", "resnet20", "--data", "digits"], "cannot take input of shape (1, 8, 8)"),
-        (["eval", "digits_cnn", "--num-classes", "3", "--data", "digits"], "predicts 3 classes but dataset digits has 10"),
+        (["eval", "digits_cnn", "--num-classes", "3", "--data", "digits"],
+         "predicts 3 classes but dataset digits has 10"),
         (["info", str(tmp_path / "x.safetensors")], "artifact not found"),
         (["compress", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path)], "recipe not found"),
     ]

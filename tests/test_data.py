@@ -10,8 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from slimkit.data import (CIFAR10_CLASSES, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, Augment,
-                          augment_batch, balanced_subset, default_cache_dir, load, make_rng)
+from slimkit.data import (
+    CIFAR10_CLASSES,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augment,
+    augment_batch,
+    balanced_subset,
+    default_cache_dir,
+    load,
+    make_rng,
+)
 from slimkit.data import folder as folder_mod
 from slimkit.errors import SlimkitError
 

@@ -10,8 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimkit
-from slimkit.distill import (METHODS, OneNetwork, at_loss, attention_map, distill_terms, factor_loss, fsp_matrix,
-                             kd_loss, logit_mse, moonshine_student, munge, munge_loader, one_loss, pair_features)
+from slimkit.distill import (
+    METHODS,
+    OneNetwork,
+    at_loss,
+    attention_map,
+    distill_terms,
+    factor_loss,
+    fsp_matrix,
+    kd_loss,
+    logit_mse,
+    moonshine_student,
+    munge,
+    munge_loader,
+    one_loss,
+    pair_features,
+)
 from slimkit.errors import SlimkitError
 from slimkit.models.small import DigitsCNN
 from slimkit.train import fit

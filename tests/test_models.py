@@ -2,13 +2,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import RESNET20, RESNET56, need
 from torch import nn
 
 import slimkit
 from slimkit import SlimkitError, create_model
 from slimkit.models import MODELS, default_input_size, load_weights, register_model
-
-from conftest import RESNET20, RESNET56, need
 
 
 @pytest.mark.parametrize("depth,params", [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018),

@@ -15,8 +15,15 @@ from torch import nn
 
 import slimkit
 from slimkit.errors import SlimkitError
-from slimkit.profile import (LAYER_KEYS, WeightStat, profile, profile_spec, register_weight_bytes, size_on_disk,
-                             tensor_bytes)
+from slimkit.profile import (
+    LAYER_KEYS,
+    WeightStat,
+    profile,
+    profile_spec,
+    register_weight_bytes,
+    size_on_disk,
+    tensor_bytes,
+)
 from slimkit.profile.energy import ADD_PJ, DRAM_READ_32BIT_PJ, MULT_PJ, SRAM_READ_32BIT_PJ
 
 torch.set_num_threads(1)
@@ -433,7 +440,8 @@ def test_table_shows_layers_totals_and_bottleneck():
 def test_energy_model_hand_computed():
     p = profile(nn.Linear(8, 4, bias=False), torch.randn(1, 8))
     # 32 fp32 MACs; 128 weight bytes from DRAM; 16 output bytes written and read in SRAM
-    expected_pj = 32 * (MULT_PJ["fp32"] + ADD_PJ["fp32"]) + 128 / 4 * DRAM_READ_32BIT_PJ + 2 * 16 / 4 * SRAM_READ_32BIT_PJ
+    expected_pj = (32 * (MULT_PJ["fp32"] + ADD_PJ["fp32"]) + 128 / 4 * DRAM_READ_32BIT_PJ
+                   + 2 * 16 / 4 * SRAM_READ_32BIT_PJ)
     assert p.energy_mj_estimate == pytest.approx(expected_pj * 1e-9)
     assert expected_pj == pytest.approx(32 * 4.6 + 32 * 640 + 8 * 5)
 

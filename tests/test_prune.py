@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 import slimkit
@@ -16,56 +17,9 @@ from slimkit.models.cifar_resnet import PadShortcut
 from slimkit.profile import profile
 from slimkit.prune import CRITERIA, PrunedPadShortcut, build_graph, plan, prune, slimming_penalty
 from slimkit.prune.pruner import _keep_count
-from conftest import run_cli
+from slimkit.testing import randomize_bn, zeroed_copy
 
 torch.set_num_threads(1)
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so a wrongly mapped channel shows in the output."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
-            if m.weight is not None:
-                m.weight.data.copy_(torch.rand(n, generator=g) * 0.6 + 0.7)
-                m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
-
-
-class _MaskedPad(nn.Module):
-    def __init__(self, pad: nn.Module, keep: list[int]) -> None:
-        super().__init__()
-        self.pad = pad
-        mask = torch.zeros(pad.out_channels, dtype=torch.float64)
-        mask[keep] = 1
-        self.register_buffer("mask", mask.view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pad(x) * self.mask.to(x.dtype)
-
-
-def _zeroed(model: nn.Module, kept: dict, pads: dict | None = None) -> nn.Module:
-    """A copy in which every removed channel is zeroed where it is made (filters, bias, BN gamma/beta, shortcut)."""
-    z = copy.deepcopy(model)
-    mods = dict(z.named_modules())
-    pads = dict(pads or {})
-    for name, entry in kept.items():
-        m = mods[name]
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-            drop = sorted(set(range(m.weight.shape[0])) - set(entry["out"]))
-            with torch.no_grad():
-                m.weight[drop] = 0
-                if m.bias is not None:
-                    m.bias[drop] = 0
-        elif isinstance(m, (PadShortcut, PrunedPadShortcut)):
-            pads.setdefault(name, entry["out"])
-    for name, keep in pads.items():  # a shortcut "makes" its output channels: mask the removed ones
-        parent, _, attr = name.rpartition(".")
-        setattr(z.get_submodule(parent), attr, _MaskedPad(mods[name], keep))
-    return z
 
 
 def _widths(model: nn.Module) -> dict:
@@ -108,17 +62,18 @@ def test_prune_30_percent_forward_backward(name, size):
 
 # -- equivalence: pruning == zeroing the removed channels -----------------------------------------
 
-@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet20:untied", 32), ("resnet18", 64), ("mobilenet_v2", 64),
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet20:untied", 32), ("resnet18", 64),
+                                       ("mobilenet_v2", 64),
                                        ("densenet121", 64),
                                        pytest.param("torchvision:efficientnet_b0", 64, marks=pytest.mark.slow),
                                        pytest.param("googlenet", 64, marks=pytest.mark.slow)])
 def test_pruned_equals_zeroed_copy(name, size):
     untie = name.endswith(":untied")
     name = name.removesuffix(":untied")
-    model = _randomize_bn(slimkit.create_model(name, num_classes=10)).double()
+    model = randomize_bn(slimkit.create_model(name, num_classes=10)).double()
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     r = _quiet_prune(model, x[:1], criterion="random", ratio=0.3, round_to=1, untie_shortcuts=untie)
-    zeroed = _zeroed(model, r.kept)
+    zeroed = zeroed_copy(model, r.kept)
     with torch.no_grad():
         y_orig, y_zero, y_pruned = model(x), zeroed(x), r.model(x)
     assert not torch.allclose(y_orig, y_zero, atol=1e-3), "zeroing changed nothing: the test would prove nothing"
@@ -132,12 +87,12 @@ def test_pruned_equals_zeroed_copy(name, size):
 @pytest.mark.parametrize("untie", [False, True])
 def test_iterative_pruning_through_pruned_shortcuts_equals_zeroed_copy(untie):
     # step 2 re-traces a model whose shortcuts are already PrunedPadShortcuts (before= or sources=)
-    model = _randomize_bn(slimkit.create_model("resnet20")).double()
+    model = randomize_bn(slimkit.create_model("resnet20")).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     r = _quiet_prune(model, x[:1], criterion="random", ratio=0.4, round_to=1, steps=2, seed=1, untie_shortcuts=untie)
     assert any(isinstance(m, PrunedPadShortcut) for m in r.model.modules())
     with torch.no_grad():
-        y_zero, y_pruned = _zeroed(model, r.kept)(x), r.model(x)
+        y_zero, y_pruned = zeroed_copy(model, r.kept)(x), r.model(x)
     assert (y_pruned - y_zero).abs().max().item() <= 1e-5 * max(1.0, y_zero.abs().max().item())
 
 
@@ -177,7 +132,7 @@ def test_resnet20_untied_stage_trunks_are_separate_groups():
 def test_pruned_shortcut_carries_zeros_where_its_source_was_removed(tmp_path):
     from slimkit.prune.pruner import apply_plan
 
-    model = _randomize_bn(slimkit.create_model("resnet20")).double()
+    model = randomize_bn(slimkit.create_model("resnet20")).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     g = build_graph(model, x[:1], untie_shortcuts=True)
     L = g.layers
@@ -192,7 +147,7 @@ def test_pruned_shortcut_carries_zeros_where_its_source_was_removed(tmp_path):
     # old layout: 8 zeros, inputs 0..15, 8 zeros. Positions 8 and 13 lost their source (zeros now), position
     # 20 (source 12) is gone, the remaining inputs are renumbered 0..13 (old 12 -> 10 is no longer used)
     assert src == [-1] * 8 + [0, 1, 2, 3] + [-1] + [4, 5, 6, 7, 8, 9] + [11, 12, 13] + [-1] * 8
-    zeroed = _zeroed(model, {"conv1": {"out": [i for i in range(16) if i not in (0, 5)]},
+    zeroed = zeroed_copy(model, {"conv1": {"out": [i for i in range(16) if i not in (0, 5)]},
                              "bn1": {"out": [i for i in range(16) if i not in (0, 5)]}}
                      | {n: {"out": [i for i in range(16) if i not in (0, 5)]} for n in
                         [f"layer1.{b}.{k}" for b in range(3) for k in ("conv2", "bn2")]}
@@ -251,7 +206,7 @@ class _Twice(nn.Module):
 
 
 def test_module_called_twice_and_flatten_linear():
-    model = _randomize_bn(_Twice()).double()
+    model = randomize_bn(_Twice()).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     g = build_graph(model, x[:1])
     L = g.layers
@@ -260,7 +215,7 @@ def test_module_called_twice_and_flatten_linear():
     r = _quiet_prune(model, x[:1], criterion="random", ratio=0.5, round_to=1)
     assert r.model.shared.in_channels == r.model.shared.out_channels == 4 and r.model.head.in_features == 64
     with torch.no_grad():
-        assert torch.allclose(r.model(x), _zeroed(model, r.kept)(x), atol=1e-10)
+        assert torch.allclose(r.model(x), zeroed_copy(model, r.kept)(x), atol=1e-10)
 
 
 class _Gate(nn.Module):
@@ -280,14 +235,14 @@ class _Gate(nn.Module):
 
 
 def test_se_gate_coupled_and_attributes_updated():
-    model = _randomize_bn(_Gate()).double()
+    model = randomize_bn(_Gate()).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     g = build_graph(model, x[:1])
     assert (g.layers["se.fc2"].out_cls == g.layers["conv"].out_cls).all()
     r = _quiet_prune(model, x[:1], criterion="l1", ratio=0.5, round_to=1)
     assert r.model.se.fc2.out_channels == r.model.conv.out_channels == 8 == r.model.se.channels
     with torch.no_grad():
-        assert torch.allclose(r.model(x), _zeroed(model, r.kept)(x), atol=1e-10)
+        assert torch.allclose(r.model(x), zeroed_copy(model, r.kept)(x), atol=1e-10)
 
 
 class _Dynamic(nn.Module):
@@ -514,7 +469,7 @@ def test_bad_arguments_raise():
 # -- artifacts, stage, CLI -------------------------------------------------------------------------
 
 def test_pruned_resnet20_roundtrips_through_artifact(tmp_path):
-    model = _randomize_bn(slimkit.create_model("resnet20"))
+    model = randomize_bn(slimkit.create_model("resnet20"))
     x = torch.randn(2, 3, 32, 32)
     r = _quiet_prune(model, x[:1], criterion="random", ratio=0.4, round_to=1, seed=3)
     assert any(isinstance(m, (PadShortcut, PrunedPadShortcut)) for m in r.model.modules())
@@ -599,7 +554,8 @@ def test_cli_prune_distills_from_another_teacher(tmp_path):
     torch.manual_seed(7)
     torch.save(slimkit.create_model("digits_cnn", num_classes=10).state_dict(), weights)
     torch.save(slimkit.create_model("digits_cnn", num_classes=10).state_dict(), student)
-    common = ["digits_cnn", "--weights", str(student), "--data", "digits", "--limit", "60", "--batch-size", "32", "--criterion", "l1",
+    common = ["digits_cnn", "--weights", str(student), "--data", "digits", "--limit", "60", "--batch-size", "32",
+              "--criterion", "l1",
               "--target-macs", "0.5", "--round-to", "4", "--finetune-epochs", "1", "--distill", "kd", "--no-bench"]
     own = run_cli("prune", *common, "--out", str(tmp_path / "own"))
     other = run_cli("prune", *common, "--teacher", "digits_cnn", "--teacher-weights", str(weights),
@@ -646,7 +602,7 @@ def test_per_channel_constant_blocks_its_channels():
 def test_pruned_zoo_models_roundtrip(tmp_path, name, size):
     from slimkit.models.layers import ConvBNAct
 
-    model = _randomize_bn(slimkit.create_model(name, num_classes=10))
+    model = randomize_bn(slimkit.create_model(name, num_classes=10))
     x = torch.randn(2, 3, size, size)
     r = _quiet_prune(model, x[:1], criterion="l1", target_macs=0.6)
     for m in r.model.modules():  # registered blocks describe their pruned children truthfully

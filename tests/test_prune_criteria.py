@@ -12,9 +12,9 @@ import slimkit
 from slimkit.errors import SlimkitError
 from slimkit.prune import (
     CRITERIA,
-    criteria_needing_data,
     build_graph,
     compute_importance,
+    criteria_needing_data,
     prune,
     reconstruct_mode,
     reconstruct_weights,

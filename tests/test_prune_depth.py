@@ -6,29 +6,17 @@ import textwrap
 import pytest
 import torch
 import torchvision
+from conftest import run_cli
 from torch import nn
 
 import slimkit
-from conftest import run_cli
 from slimkit.errors import SlimkitError
 from slimkit.models import create_model
 from slimkit.profile import profile
 from slimkit.prune import find_blocks, prune_blocks, remove_blocks
+from slimkit.testing import randomize_bn
 
 X32 = torch.zeros(1, 3, 32, 32)
-
-
-def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Eval-mode model with non-trivial batch-norm statistics (fresh BN layers are identities)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
 
 
 def _zero_branch(block: nn.Module) -> None:
@@ -57,7 +45,7 @@ def test_find_blocks_resnet20_and_torchvision():
 @pytest.mark.parametrize("name", ["resnet20", "preact_resnet56", "wrn16_4", "shufflenet_v1_cifar", "xception_cifar",
                                   "channelnet_v1_cifar", "torchvision:resnet18", "torchvision:mobilenet_v2"])
 def test_removing_a_zeroed_block_is_exact(name):
-    model = _randomized(create_model(name, num_classes=10))
+    model = randomize_bn(create_model(name, num_classes=10))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     blocks = find_blocks(model, x[:1])
     chosen = blocks[::2]
@@ -133,7 +121,7 @@ def test_dead_blocks_go_first(scoring, probes):
 
 
 def test_mac_target_is_met_and_artifact_round_trips(tmp_path):
-    model = _randomized(create_model("resnet20"))
+    model = randomize_bn(create_model("resnet20"))
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     data = [(x, torch.arange(8))]
     r = prune_blocks(model, X32, data, target_macs=0.7, batches=1)

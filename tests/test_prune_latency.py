@@ -133,7 +133,8 @@ def test_latency_table_rejects_bad_batch_sizes():
 def test_cli_prune_blocks_then_latency_table(tmp_path):
     from conftest import CIFAR_JPEG, need, run_cli
 
-    out = run_cli("prune", "resnet20", "--data", f"cifar10:{need(CIFAR_JPEG)}", "--limit", "100", "--blocks", "0.9", "--target-macs", "0.6",
+    out = run_cli("prune", "resnet20", "--data", f"cifar10:{need(CIFAR_JPEG)}", "--limit", "100", "--blocks", "0.9",
+                  "--target-macs", "0.6",
                   "--target-latency", "0.9", "--latency-model", "table", "--latency-batch", "1,4", "--out",
                   str(tmp_path), "--no-bench", "--threads", "1")
     params = slimkit.load(out["artifact"]).slimkit_meta["prune"]["params"]

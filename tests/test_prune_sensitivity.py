@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 import slimkit
-from conftest import run_cli
 from slimkit.errors import SlimkitError
 from slimkit.profile import profile
 from slimkit.prune import prune, sensitivity_ratios, sensitivity_scan
@@ -30,7 +30,8 @@ def _known_case():
         m.conv1.weight.zero_()  # two dead channels (removing them changes nothing), two that carry one input each
         m.conv1.weight[0, 0], m.conv1.weight[1, 1] = 1.5, -1.5
         m.conv1.bias.copy_(torch.tensor([0.5, 0.5, 0.0, 0.0]))
-        m.conv2.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [1, -1, 0, 0]])[:, :, None, None])
+        w = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0], [1, -1, 0, 0]])
+        m.conv2.weight.copy_(w[:, :, None, None])
         m.conv2.bias.zero_()  # every output channel is live and read by the classifier
     x = torch.randn(256, 2, 4, 4)
     with torch.no_grad():

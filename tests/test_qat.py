@@ -7,18 +7,26 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from torch import nn
 from torch.ao.nn.intrinsic.qat import ConvBnReLU2d
 from torch.ao.quantization.observer import MinMaxObserver
 
 import slimkit
 from slimkit.errors import SlimkitError
-from slimkit.quant import (LSQFakeQuantize, QATSchedule, calibration_loader, convert_qat, is_quantized_module,
-                           prepare_qat, qat, quantize)
+from slimkit.quant import (
+    LSQFakeQuantize,
+    QATSchedule,
+    calibration_loader,
+    convert_qat,
+    is_quantized_module,
+    prepare_qat,
+    qat,
+    quantize,
+)
 from slimkit.quant.core import quiet
 from slimkit.quant.qat import lsq_quantizers
 from slimkit.train import evaluate, fit
-from conftest import randomize_bn
 
 torch.set_num_threads(1)
 

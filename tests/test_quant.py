@@ -4,14 +4,13 @@ import os
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
 import slimkit
 from slimkit.profile import profile
-from slimkit.quant import (OBSERVERS, calibrate, convert, fake_quant, fuse, is_quantized_module, quantize,
-                           sensitivity)
+from slimkit.quant import OBSERVERS, calibrate, convert, fake_quant, fuse, is_quantized_module, quantize, sensitivity
 from slimkit.quant.core import make_qconfig, quiet
-from conftest import randomize_bn
 
 torch.set_num_threads(1)
 

@@ -10,14 +10,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
 import slimkit
 from slimkit import SlimkitError
 from slimkit.artifact import read_header
 from slimkit.cli import main
-
-from conftest import ROOT
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:
@@ -151,7 +150,8 @@ MALFORMED = {
     "kwargs nested": (_set(("base", "kwargs"), {"width": {"a": 1}}), None, "field base.kwargs.width"),
     "kwargs unknown to the builder": (_set(("base", "kwargs"), {"evil": 1}), None,
                                       "digits_cnn takes no argument 'evil'"),
-    "kwargs the builder refuses": (_set(("base",), {"spec": "torchvision:resnet18", "kwargs": {"width_per_group": "x"}}),
+    "kwargs the builder refuses": (_set(("base",), {"spec": "torchvision:resnet18",
+                                                    "kwargs": {"width_per_group": "x"}}),
                                    None, "building torchvision:resnet18 failed"),
     "kwargs reserved": (_set(("base",), {"spec": "torchvision:resnet18", "kwargs": {"weights": "IMAGENET1K_V1"}}),
                         None, "may not set 'weights'"),
@@ -301,7 +301,8 @@ def test_recipe_naming_code_needs_trust(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("text,message", [
     ("a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
-     "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
+     "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: "
+     "[*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]\n",
      "more than 100,000 values"),
     ("model: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32"),
     ("- 1\n- 2\n", "a recipe is a mapping"),

@@ -77,7 +77,9 @@ def test_extra_loss_terms_are_added_and_logged(digits):
     fit(plain, digits.loader("train", 128), epochs=1, lr=0.05, progress=False)
     fit(pushed, digits.loader("train", 128), epochs=1, lr=0.05, progress=False,
         extra_losses={"shrink": lambda b: 1.0 * sum((p ** 2).sum() for p in b.model.parameters())})
-    norm = lambda m: sum((p ** 2).sum().item() for p in m.parameters())
+    def norm(m):
+        return sum((p ** 2).sum().item() for p in m.parameters())
+
     assert norm(pushed) < norm(plain)
 
 

@@ -6,15 +6,24 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_bn
 from torch import nn
 
 import slimkit
 from slimkit.errors import SlimkitError
 from slimkit.models.small import DigitsCNN
-from slimkit.quant.train8 import (QuantConv2d, QuantLinear, RangeBatchNorm2d, expected_gaussian_range,
-                                  from_8bit_training, quantize_ste, quantize_symmetric, range_constant,
-                                  to_8bit_training, train_8bit)
-from conftest import randomize_bn
+from slimkit.quant.train8 import (
+    QuantConv2d,
+    QuantLinear,
+    RangeBatchNorm2d,
+    expected_gaussian_range,
+    from_8bit_training,
+    quantize_ste,
+    quantize_symmetric,
+    range_constant,
+    to_8bit_training,
+    train_8bit,
+)
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from slimkit.profile import profile
 from slimkit.transform import TRANSFORMS, apply_transform, eligible_layers
 
 H = W = 8
-C, O = 16, 24
+C, COUT = 16, 24
 
 
 def _macs(model: nn.Module, x: torch.Tensor, name: str) -> int:
@@ -34,11 +34,11 @@ def _randomised(module: nn.Module) -> nn.Module:
 
 # (transform, original layer, options, MACs of the replacement at H x W, stride 1, "same" padding)
 CASES = {
-    "depthwise_separable": (lambda: nn.Conv2d(C, O, 3, padding=1, bias=False), {}, H * W * (9 * C + C * O)),
-    "factorize_kxk": (lambda: nn.Conv2d(C, O, 3, padding=1), {}, H * W * (O * C * 3 + O * O * 3)),
-    "factorize_5x5": (lambda: nn.Conv2d(C, O, 5, padding=2), {}, H * W * (9 * C * O + 9 * O * O)),
-    "grouped_shuffle": (lambda: nn.Conv2d(C, O, 3, padding=1), {"groups": 4}, H * W * 9 * C * O // 4),
-    "bottleneck": (lambda: nn.Conv2d(C, O, 3, padding=1), {"ratio": 4}, H * W * (C * 6 + 6 * 6 * 9 + 6 * O)),
+    "depthwise_separable": (lambda: nn.Conv2d(C, COUT, 3, padding=1, bias=False), {}, H * W * (9 * C + C * COUT)),
+    "factorize_kxk": (lambda: nn.Conv2d(C, COUT, 3, padding=1), {}, H * W * (COUT * C * 3 + COUT * COUT * 3)),
+    "factorize_5x5": (lambda: nn.Conv2d(C, COUT, 5, padding=2), {}, H * W * (9 * C * COUT + 9 * COUT * COUT)),
+    "grouped_shuffle": (lambda: nn.Conv2d(C, COUT, 3, padding=1), {"groups": 4}, H * W * 9 * C * COUT // 4),
+    "bottleneck": (lambda: nn.Conv2d(C, COUT, 3, padding=1), {"ratio": 4}, H * W * (C * 6 + 6 * 6 * 9 + 6 * COUT)),
     "channelwise": (lambda: nn.Conv2d(C, C, 1, bias=False), {"dc": 7}, H * W * C * 7),
 }
 
@@ -74,17 +74,17 @@ def test_conv_transform_shapes_macs_and_init(name):
 
 
 def test_mac_factor_of_depthwise_separable_is_the_papers():
-    model = nn.Sequential(nn.Conv2d(C, O, 3, padding=1, bias=False))
+    model = nn.Sequential(nn.Conv2d(C, COUT, 3, padding=1, bias=False))
     x = torch.randn(1, C, H, W)
     before = _macs(model, x, "0")
     apply_transform(model, "depthwise_separable")
-    assert _macs(model, x, "0") / before == pytest.approx((9 * C + C * O) / (9 * C * O), abs=0)
+    assert _macs(model, x, "0") / before == pytest.approx((9 * C + C * COUT) / (9 * C * COUT), abs=0)
 
 
 def test_depthwise_separable_exact_for_rank_one_channel_kernels():
     torch.manual_seed(1)
-    conv = nn.Conv2d(C, O, 3, padding=1)
-    pw, dw = torch.randn(O, C), torch.randn(C, 3, 3)
+    conv = nn.Conv2d(C, COUT, 3, padding=1)
+    pw, dw = torch.randn(COUT, C), torch.randn(C, 3, 3)
     with torch.no_grad():
         conv.weight.copy_(pw[:, :, None, None] * dw[None])
     model = nn.Sequential(conv)
@@ -98,8 +98,8 @@ def test_depthwise_separable_exact_for_rank_one_channel_kernels():
 
 def test_factorize_kxk_exact_for_separable_kernels_and_strides():
     torch.manual_seed(2)
-    conv = nn.Conv2d(C, O, 3, stride=2, padding=1, bias=False)
-    vert, horiz = torch.randn(O, 2, 3), torch.randn(2, C, 3)  # rank 2 < out channels
+    conv = nn.Conv2d(C, COUT, 3, stride=2, padding=1, bias=False)
+    vert, horiz = torch.randn(COUT, 2, 3), torch.randn(2, C, 3)  # rank 2 < out channels
     with torch.no_grad():
         conv.weight.copy_(torch.einsum("ori,rcj->ocij", vert, horiz))
     model = nn.Sequential(conv)
@@ -114,11 +114,11 @@ def test_factorize_kxk_exact_for_separable_kernels_and_strides():
 
 
 def test_factorize_kxk_rank_sets_the_width():
-    model = nn.Sequential(nn.Conv2d(C, O, 3, padding=1))
+    model = nn.Sequential(nn.Conv2d(C, COUT, 3, padding=1))
     apply_transform(model, "factorize_kxk", rank=5)
     assert model[0].horizontal.out_channels == 5
     x = torch.randn(1, C, H, W)
-    assert _macs(model, x, "0") == H * W * (5 * C * 3 + O * 5 * 3)
+    assert _macs(model, x, "0") == H * W * (5 * C * 3 + COUT * 5 * 3)
 
 
 def _flat_head(cin: int = 4, classes: int = 5) -> nn.Module:

@@ -303,6 +303,30 @@ def compare(model_a: nn.Module, model_b: nn.Module, input_size: Sequence[int], b
     p10/p90 (and CV) of the per-pair ratios, plus each model's own stats as :func:`bench` gives
     them. A model compared against itself gives a ratio within a few percent of 1; all other
     arguments are as for :func:`bench`.
+
+    Args:
+        model_a, model_b: the two models (A is the reference).
+        input_size: (C, H, W) of one input.
+        batch_sizes: batch sizes to time.
+        threads: torch threads while timing (default: this process's setting).
+        modes: execution modes (``eager``, ``torchscript``, ``compile``, ``onnxruntime``).
+        warmup, repeats, min_time_s, min_sample_s: how long and how often each is timed.
+        names: labels for the report.
+        roofline: also measure this machine's matmul peak for the "fraction of peak" context.
+
+    Returns:
+        A :class:`CompareResult`; ``ratio(mode, batch)`` is the median B/A latency ratio.
+
+    Raises:
+        SlimkitError: a bad argument (unknown mode, empty batch sizes).
+
+    Example:
+        >>> import slimkit
+        >>> a = slimkit.create_model("digits_cnn")
+        >>> r = compare(a, a, (1, 8, 8), batch_sizes=(1,), modes=("eager",), repeats=3, min_time_s=0.05,
+        ...             roofline=False)
+        >>> 0.5 < r.ratio("eager", 1) < 2
+        True
     """
     _check_model(model_a, "model A")
     _check_model(model_b, "model B")
@@ -377,7 +401,8 @@ def run_bench_cli(model_spec: str, vs_spec: str | None = None, weights: str | No
     object (``.to_dict()`` for ``--json``, ``.table()`` for text); raises :class:`SlimkitError`
     when no mode could be measured at all.
     """
-    from ..models import create_model, model_input_size as size_of
+    from ..models import create_model
+    from ..models import model_input_size as size_of
 
     model = create_model(model_spec, weights=weights)
     size = _input_size(input_size) if input_size is not None else size_of(model, model_spec)

@@ -8,8 +8,7 @@ a new kind registers with ``@DATASETS.register("name")``.
 
 from .core import SPLITS, Augment, Dataset, DatasetInfo, Loader, Split, augment_batch, resize_images
 from .folder import default_cache_dir
-from .sources import (CIFAR10_CLASSES, DATASETS, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, Source,
-                      load)
+from .sources import CIFAR10_CLASSES, DATASETS, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN, IMAGENET_STD, Source, load
 from .splits import balanced_subset, make_rng, stratified_split
 
 __all__ = ["SPLITS", "Augment", "Dataset", "DatasetInfo", "Loader", "Split", "augment_batch", "resize_images",

@@ -41,7 +41,8 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"Split images must be uint8 N x C x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(f"Split images must be uint8 N x C x H x W, got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.images),):
             raise ValueError(f"Split labels must be int64 of length {len(self.images)}, got {self.labels.dtype} "
                              f"{tuple(self.labels.shape)}")

@@ -26,8 +26,8 @@ from torch import nn
 from ..errors import SlimkitError
 from ..pipeline import Context, register_stage
 from ..train.config import FitConfig
-from .config import DistillConfig
 from ..train.engine import Batch, LossTerm
+from .config import DistillConfig
 from .features import FeatureTap, Pair, Teacher, freeze, pair_features, stages
 from .losses import at_loss, attention_map, factor_loss, fsp_loss, fsp_matrix, kd_loss, logit_mse, one_loss
 from .methods import METHODS, DistillMethod, register_method
@@ -35,9 +35,11 @@ from .moonshine import moonshine_student
 from .munge import TensorLoader, munge, munge_loader
 from .one import OneNetwork
 
-__all__ = ["DistillConfig", "METHODS", "AUX", "best_branch", "load_teacher", "training_loader", "DistillMethod", "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
+__all__ = ["DistillConfig", "METHODS", "AUX", "best_branch", "load_teacher", "training_loader", "DistillMethod",
+           "DistillTerms", "FeatureTap", "OneNetwork", "Pair", "Teacher",
            "TensorLoader", "at_loss", "attention_map", "distill_stage", "distill_terms", "factor_loss",
-           "finetune_with_distillation", "freeze", "fsp_loss", "fsp_matrix", "kd_loss", "logit_mse", "moonshine_student",
+           "finetune_with_distillation", "freeze", "fsp_loss", "fsp_matrix", "kd_loss", "logit_mse",
+           "moonshine_student",
            "munge", "munge_loader", "one_loss", "pair_features", "register_method", "stages"]
 
 AUX = "distill_aux"  # the student's submodule holding trainable distillation modules while training
@@ -111,6 +113,30 @@ def distill_terms(method: str | list[str], teacher: nn.Module | None, student: n
     ``ce_weight`` (the paper's weight of the hard-label cross-entropy, which ``fit`` always adds
     with weight 1) becomes a ``ce_correction`` term. Close the result (or use it as a context
     manager) after training to remove hooks and auxiliary modules.
+
+    Args:
+        method: the method name(s), ``"kd"`` or ``"at+kd"`` or a list.
+        teacher: the trained teacher (``None`` for ``one``).
+        student: the model to train.
+        example_input: one input batch, to pair the two networks' features.
+        **opts: the methods' options (``T``, ``alpha``, ``beta``, ``pairs``, ...).
+
+    Returns:
+        :class:`DistillTerms`, ``{name: term}`` for ``fit(extra_losses=...)``.
+
+    Raises:
+        SlimkitError: unknown method or option, a missing teacher, shared parameters.
+
+    Example:
+        >>> import copy, torch, slimkit
+        >>> from slimkit.train import fit
+        >>> teacher = slimkit.create_model("digits_cnn").eval()
+        >>> student = copy.deepcopy(teacher)
+        >>> batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+        >>> with distill_terms("kd", teacher, student, batches[0][0], T=4, alpha=0.9) as terms:  # Hinton et al.
+        ...     run = fit(student, batches, epochs=1, lr=0.01, extra_losses=terms, progress=False)
+        >>> sorted(terms)
+        ['ce_correction', 'kd']
     """
     names = [n.strip() for n in method.split("+")] if isinstance(method, str) else list(method)
     for n in names:
@@ -164,7 +190,7 @@ def distill_terms(method: str | list[str], teacher: nn.Module | None, student: n
 def finetune_with_distillation(model: nn.Module, ctx: Context, method: str, teacher: nn.Module | None, *,
                                batch_size: int | None = None, fit_options: dict | None = None,
                                **opts) -> nn.Module:
-    """Fine-tune ``model`` on the context's train split with distillation ``method`` from ``teacher``; the recovery hook.
+    """Fine-tune ``model`` on the context's train split, distilling ``method`` from ``teacher``: the recovery hook.
 
     Any compression stage can call it with ``copy.deepcopy`` of the model taken before it
     compressed as the teacher (e.g. behind a ``distill: kd`` option). ``fit_options`` are

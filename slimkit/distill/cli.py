@@ -43,7 +43,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def cli_distill(args: argparse.Namespace) -> dict:
-    """Distill ``--teacher`` into ``--student`` on ``--data``, write ``OUT/model.safetensors`` and return test top-1 of both.
+    """Distill ``--teacher`` into ``--student`` on ``--data``, write ``OUT/model.safetensors``, return both top-1s.
 
     The loss is cross-entropy plus the terms of :func:`slimkit.distill.distill_terms` for
     ``--method`` (Hinton et al. 2015, Ba & Caruana 2014, Romero et al. 2015, Zagoruyko &
@@ -60,9 +60,8 @@ def cli_distill(args: argparse.Namespace) -> dict:
     from ..models import create_model
     from ..models.registry import is_artifact_path
     from ..train import check_input, evaluate, fit
-    from . import OneNetwork, best_branch, distill_terms, moonshine_student, training_loader
-
     from ..train.config import FitConfig
+    from . import OneNetwork, best_branch, distill_terms, moonshine_student, training_loader
     from .config import DistillConfig
 
     config = DistillConfig.from_args(args, fit=FitConfig.from_args(args))

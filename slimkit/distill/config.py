@@ -61,7 +61,7 @@ class DistillConfig(MethodConfig):
     flat = ("fit",)
     extras = "options"
 
-    distill: str = option("kd", "distillation method(s), joined by '+' (e.g. at+kd)", flag="--method")
+    distill: str = option("kd", "distillation method(s), joined by '+' (e.g. at+kd)", flag="--method", listing=METHODS)
     teacher: str | None = option(None, "teacher: registered name, torchvision:NAME, file.py:fn or an artifact (not "
                                        "needed for one; moonshine derives the student from it)")
     teacher_weights: str | None = option(None, "state_dict / checkpoint / safetensors file for the teacher")
@@ -83,7 +83,8 @@ class DistillConfig(MethodConfig):
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), 1)
                 raise self.error("options", f"{self.distill} takes no option {key!r}"
-                                 + (f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"))
+                                 + (f" (did you mean {close[0]!r}?)" if close
+                                    else f" (known: {', '.join(sorted(known))})"))
         if self.teacher_weights and not self.teacher:
             raise self.error("teacher_weights", "needs {teacher}")
 

@@ -12,7 +12,6 @@ trains them, and removes them afterwards.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from collections.abc import Iterable
 
 import torch

@@ -66,7 +66,7 @@ def _cheap(conv: nn.Conv2d, groups: int, init: str) -> nn.Sequential:
 
 
 def moonshine_student(teacher: nn.Module, groups: int = 4, init: str = "teacher") -> nn.Module:
-    """A copy of ``teacher`` with each eligible 3x3 conv replaced by grouped (``groups``) + pointwise convs (Crowley et al. 2018).
+    """A copy of ``teacher``, each eligible 3x3 conv now grouped (``groups``) + pointwise convs (Crowley et al.).
 
     A 3x3 conv ``c -> o`` has ``9co`` weights, its replacement ``9co/G + o^2``. Convs whose
     channels ``groups`` does not divide (e.g. an RGB stem), that are already grouped, or whose

@@ -32,7 +32,7 @@ def _nearest(x: torch.Tensor, pool: torch.Tensor, pool_index: torch.Tensor, chun
 
 def munge(x: torch.Tensor, multiplier: int = 1, p: float = 0.5, s: float = 1.0, pool: int | None = 4096,
           seed: int = 0) -> torch.Tensor:
-    """``multiplier`` MUNGE rounds over ``x`` (N, ...): returns ``multiplier * N`` synthetic samples (Bucila et al. 2006).
+    """``multiplier`` MUNGE rounds over ``x`` (N, ...): ``multiplier * N`` synthetic samples (Bucila et al. 2006).
 
     Nearest neighbours are searched among ``pool`` samples drawn at random from ``x`` (all of
     them when ``pool`` is ``None`` or larger than N) without using labels. For each sample and
@@ -62,7 +62,7 @@ def munge(x: torch.Tensor, multiplier: int = 1, p: float = 0.5, s: float = 1.0, 
 
 
 class TensorLoader:
-    """Shuffled mini-batches over in-memory tensors; the order is a pure function of ``(seed, epoch)`` like slimkit's loaders."""
+    """Shuffled mini-batches over in-memory tensors; the order is a function of ``(seed, epoch)``, as slimkit's."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, seed: int = 0) -> None:
         self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, int(batch_size), int(seed), 0
@@ -96,7 +96,7 @@ def label_with(teacher: nn.Module, x: torch.Tensor, batch_size: int = 256) -> to
 def munge_loader(teacher: nn.Module, source: Iterable, *, multiplier: int = 1, p: float = 0.5, s: float = 1.0,
                  pool: int | None = 4096, batch_size: int = 128, seed: int = 0,
                  keep_real: bool = True) -> TensorLoader:
-    """A loader over the real samples of ``source`` plus their MUNGE samples, all labelled by ``teacher`` (Bucila et al. 2006).
+    """A loader over ``source``'s real samples plus their MUNGE samples, all labelled by ``teacher`` (Bucila et al.).
 
     ``source`` is any iterable of ``(inputs, targets)`` batches (e.g. an un-augmented,
     unshuffled train loader); its targets are ignored, because the teacher's predictions are

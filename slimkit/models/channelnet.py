@@ -66,7 +66,8 @@ class ReleaseGCWM(nn.Module):
         super().__init__()
         # kernel 4g, stride g, padding 2g-1 keeps the channel count (see ChannelwiseConv)
         self.fuse = ChannelwiseConv(groups, 4 * groups, 2 * groups - 1) if fuse else nn.Identity()
-        self.layers = nn.Sequential(DWSConv(channels, channels, groups=groups), DWSConv(channels, channels, groups=groups))
+        self.layers = nn.Sequential(DWSConv(channels, channels, groups=groups), DWSConv(channels, channels,
+                                                                                        groups=groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.fuse(x))

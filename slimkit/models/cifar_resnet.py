@@ -64,9 +64,10 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: 3x3 stem, three stages, global pooling, linear head."""
 
-    def __init__(self, n: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+    def __init__(self, n: int, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64),
+                 in_channels: int = 3) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         in_planes = widths[0]
@@ -101,3 +102,9 @@ def _make(depth: int):
 
 for _depth in (20, 32, 44, 56, 110):
     register_model(f"resnet{_depth}", input_size=(3, 32, 32), num_classes=10)(_make(_depth))
+
+
+@register_model("digits_resnet", input_size=(1, 8, 8), num_classes=10)
+def digits_resnet(num_classes: int = 10) -> CifarResNet:
+    """ResNet-14 (He et al. 2016; two blocks per stage, option-A shortcuts) for the 8x8 digits: depth pruning, small."""
+    return CifarResNet(2, num_classes, in_channels=1)

@@ -86,7 +86,8 @@ class VGG16Cifar(nn.Module):
                 c = int(v * width_mult)
         self.features = nn.Sequential(*layers)
         hidden = int(512 * width_mult)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, hidden), nn.BatchNorm1d(hidden),
+                                        nn.ReLU(inplace=True),
                                         nn.Dropout(0.5), nn.Linear(hidden, num_classes))
         init_weights(self)
 

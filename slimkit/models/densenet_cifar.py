@@ -35,7 +35,8 @@ class Transition(nn.Sequential):
     """BN-ReLU-conv1x1 compressing the channels, then 2x2 average pooling."""
 
     def __init__(self, in_planes: int, out_planes: int) -> None:
-        super().__init__(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), nn.Conv2d(in_planes, out_planes, 1, bias=False),
+        super().__init__(nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), nn.Conv2d(in_planes, out_planes, 1,
+                                                                                     bias=False),
                          nn.AvgPool2d(2))
 
 

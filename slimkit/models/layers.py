@@ -62,7 +62,8 @@ class SeparableConv(nn.Sequential):
         super().__init__(nn.Conv2d(in_channels, in_channels, kernel_size, stride, kernel_size // 2, groups=in_channels,
                                    bias=False),
                          nn.Conv2d(in_channels, out_channels, 1, bias=False))
-        self.in_channels, self.out_channels, self.kernel_size, self.stride = in_channels, out_channels, kernel_size, stride
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
 
 
 @register_module

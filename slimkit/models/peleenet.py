@@ -50,7 +50,8 @@ class TwoWayDenseLayer(nn.Module):
         if inter > in_planes / 2:  # the dynamic bottleneck: never wider than half the input
             inter = in_planes // 8 * 4
         self.branch1 = nn.Sequential(ConvBNAct(in_planes, inter, 1), ConvBNAct(inter, half, 3))
-        self.branch2 = nn.Sequential(ConvBNAct(in_planes, inter, 1), ConvBNAct(inter, half, 3), ConvBNAct(half, half, 3))
+        self.branch2 = nn.Sequential(ConvBNAct(in_planes, inter, 1), ConvBNAct(inter, half, 3),
+                                     ConvBNAct(half, half, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.branch1(x), self.branch2(x)], 1)

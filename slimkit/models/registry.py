@@ -33,22 +33,32 @@ from ..registry import Registry
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered builder with the input size and class count its paper defines."""
+    """A registered builder with its facts: the input size and class count its paper defines, and the paper."""
 
     build: Callable[..., nn.Module]
     input_size: tuple[int, int, int]
     num_classes: int
+    paper: str = ""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(name: str | None = None, *, input_size: tuple[int, int, int] = (3, 224, 224),
-                   num_classes: int = 1000) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a builder ``fn(num_classes=..., **kwargs) -> nn.Module`` under ``name``."""
+                   num_classes: int = 1000,
+                   paper: str | None = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder ``fn(num_classes=..., **kwargs) -> nn.Module`` under ``name``.
+
+    Args:
+        name: the model spec (default the function's name).
+        input_size: the (C, H, W) its paper uses.
+        num_classes: the paper's classifier width, the default.
+        paper: the citation (default the first line of the builder's docstring).
+    """
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS.register(name or fn.__name__)(ModelEntry(fn, tuple(input_size), num_classes))
+        cite = paper if paper is not None else (fn.__doc__ or "").strip().split("\n")[0]
+        MODELS.register(name or fn.__name__)(ModelEntry(fn, tuple(input_size), num_classes, cite))
         return fn
 
     return deco
@@ -201,7 +211,7 @@ def create_model(spec: str, num_classes: int | None = None, weights: str | None 
         >>> import slimkit
         >>> m = slimkit.create_model("resnet20", num_classes=10)   # He et al., CVPR 2016
         >>> m.slimkit_base["spec"], sum(p.numel() for p in m.parameters())
-        ('resnet20', 272474)
+        ('resnet20', 269722)
     """
     from ..trust import trust_code as trusting
 
@@ -388,7 +398,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if unexpected:
             parts.append(f"unexpected keys: {_names(unexpected)}")
         raise SlimkitError(f"{path} does not fit the model ({'; '.join(parts)})")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
     if wrong:
         raise SlimkitError(f"{path}: shape mismatch: {_names(wrong, 3)}")
     model.load_state_dict(sd, strict=False)

@@ -44,7 +44,8 @@ class StochasticBlock(nn.Module):
 class StochasticDepthResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 with linearly decaying survival from 1 to ``last_survival``."""
 
-    def __init__(self, depth: int = 110, num_classes: int = 10, last_survival: float = 0.5, in_channels: int = 3) -> None:
+    def __init__(self, depth: int = 110, num_classes: int = 10, last_survival: float = 0.5,
+                 in_channels: int = 3) -> None:
         super().__init__()
         n = (depth - 2) // 6
         total = 3 * n

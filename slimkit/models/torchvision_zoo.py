@@ -26,7 +26,8 @@ TORCHVISION_MODELS = {
     "mobilenet_v2": ("Sandler et al. 2018, MobileNetV2: Inverted Residuals and Linear Bottlenecks", 224),
     "mobilenet_v3_small": ("Howard et al. 2019, Searching for MobileNetV3", 224),
     "mobilenet_v3_large": ("Howard et al. 2019, Searching for MobileNetV3", 224),
-    "shufflenet_v2_x1_0": ("Ma et al. 2018, ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design", 224),
+    "shufflenet_v2_x1_0": ("Ma et al. 2018, ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design",
+                           224),
 }
 
 
@@ -40,4 +41,4 @@ def _make(name: str, paper: str):
 
 
 for _name, (_paper, _size) in TORCHVISION_MODELS.items():
-    register_model(_name, input_size=(3, _size, _size), num_classes=1000)(_make(_name, _paper))
+    register_model(_name, input_size=(3, _size, _size), num_classes=1000, paper=_paper)(_make(_name, _paper))

@@ -58,7 +58,8 @@ class Xception(nn.Module):
 
         # the paper's stem convs are unpadded ("valid"), 299 -> 149 -> 147
         pad, s = (1, 1) if cifar else (0, 2)
-        self.stem = nn.Sequential(ConvBNAct(in_channels, w(32), 3, s, padding=pad), ConvBNAct(w(32), w(64), 3, padding=pad))
+        self.stem = nn.Sequential(ConvBNAct(in_channels, w(32), 3, s, padding=pad), ConvBNAct(w(32), w(64), 3,
+                                                                                              padding=pad))
         self.entry = nn.Sequential(XceptionBlock(w(64), w(128), 2, 2, relu_first=False),
                                    XceptionBlock(w(128), w(256), 2, 2), XceptionBlock(w(256), w(728), 2, 2))
         self.middle = nn.Sequential(*[XceptionBlock(w(728), w(728), 3) for _ in range(middle_blocks)])

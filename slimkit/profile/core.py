@@ -285,6 +285,23 @@ def profile(model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, 
     al. 2016). The model is left as it was (every module's training flag restored, hooks
     removed), also when the forward raises; that error becomes a :class:`SlimkitError`
     naming the innermost failing layer and the input shape.
+
+    Args:
+        model: any ``nn.Module``.
+        example_input: one input (batch size 1 gives per-image counts), or a tuple of inputs.
+
+    Returns:
+        A :class:`Profile`: totals (``params``, ``macs``, ``other_ops``, ``activation_peak_bytes``,
+        ``weight_bytes``, ``energy_mj_estimate``) and ``layers``; ``table()`` prints them.
+
+    Raises:
+        SlimkitError: not a module, or the forward fails (the layer is named).
+
+    Example:
+        >>> import torch, slimkit
+        >>> p = profile(slimkit.create_model("resnet20"), torch.zeros(1, 3, 32, 32))   # He et al. 2016
+        >>> p.params, p.macs
+        (269722, 40551040)
     """
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"profile() needs a torch.nn.Module, got {type(model).__name__}")

@@ -77,7 +77,8 @@ DATA_MOVEMENT: frozenset[str] = frozenset(f"aten.{n}" for n in """
     masked_select scatter index_put _unsafe_index_put _unsafe_index
 """.split())
 
-SOFTMAX: frozenset[str] = frozenset(f"aten.{n}" for n in "_softmax softmax _safe_softmax _log_softmax log_softmax".split())
+SOFTMAX: frozenset[str] = frozenset(f"aten.{n}"
+                                     for n in "_softmax softmax _safe_softmax _log_softmax log_softmax".split())
 BATCH_NORM: frozenset[str] = frozenset(f"aten.{n}" for n in """
     native_batch_norm _native_batch_norm_legit _native_batch_norm_legit_no_training
     _native_batch_norm_legit_functional batch_norm _batch_norm_impl_index cudnn_batch_norm
@@ -147,7 +148,8 @@ def _conv(transposed_index: int | None, transposed: bool = False) -> Callable[..
     def count(args, kwargs, out) -> OpCost:
         x, w = args[0], args[1]
         bias = _arg(args, kwargs, 2, "bias")
-        is_t = bool(args[transposed_index]) if transposed_index is not None and len(args) > transposed_index else transposed
+        given = transposed_index is not None and len(args) > transposed_index
+        is_t = bool(args[transposed_index]) if given else transposed
         per = w[0].numel() if w.dim() else 0
         y = _first(out)
         macs = (x.numel() if is_t else y.numel()) * per

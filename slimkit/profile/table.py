@@ -31,7 +31,8 @@ def _row_cells(i: int, row: LayerStats, total_macs: int, max_macs: int) -> list[
     share = row.macs / total_macs if total_macs else 0.0
     bar = "#" * round(BAR_WIDTH * row.macs / max_macs) if max_macs else ""
     flag = " ?" if row.uncounted else ""
-    return [str(i), (row.name or "<model>") + flag, row.type, f"{_shape(row.input_shape)} -> {_shape(row.output_shape)}",
+    return [str(i), (row.name or "<model>") + flag, row.type,
+            f"{_shape(row.input_shape)} -> {_shape(row.output_shape)}",
             human(row.params), human(row.macs), f"{100 * share:5.1f}%", bar, human(row.other_ops),
             human(row.activation_bytes, "B"), human(row.weight_bytes, "B"), str(row.calls)]
 
@@ -60,7 +61,8 @@ def format_table(p: Profile, top: int | None = None) -> str:
     widths = [max(len(r[c]) for r in [header, *body, total]) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(cells,
+                                                                                                 widths))).rstrip()
 
     rule = "-" * len(line(header))
     shape = ", ".join(_shape(s) for s in p.input_shape) if p.input_shape and isinstance(p.input_shape[0], list) \

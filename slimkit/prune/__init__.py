@@ -22,16 +22,24 @@ from __future__ import annotations
 from torch import nn
 
 from ..pipeline import Context, register_stage
-from .config import DepthConfig, PruneConfig, SensitivityConfig, SparsityConfig
-from .graph import ChannelGraph, Group, LayerRecord, build_graph
-from .importance import (CRITERIA, Criterion, compute_importance, criteria_needing_data, register_criterion,
-                         slimming_penalty, sparsity_term, ssl_penalty)
-from .pruner import PrunedPadShortcut, PruneResult, apply_plan, estimate, plan, prune, prune_once
 from . import dcp  # noqa: F401  (registers the dcp criterion)
+from .config import DepthConfig, PruneConfig, SensitivityConfig, SparsityConfig
+from .depth import Block, DepthResult, find_blocks, prune_blocks, remove_blocks
+from .graph import ChannelGraph, Group, LayerRecord, build_graph
+from .importance import (
+    CRITERIA,
+    Criterion,
+    compute_importance,
+    criteria_needing_data,
+    register_criterion,
+    slimming_penalty,
+    sparsity_term,
+    ssl_penalty,
+)
+from .latency import LatencyTable, plan_latency
+from .pruner import PrunedPadShortcut, PruneResult, apply_plan, estimate, plan, prune, prune_once
 from .reconstruct import reconstruct_mode, reconstruct_weights  # registers thinet, lasso
 from .sensitivity import Sensitivity, held_out_loader, sensitivity_ratios, sensitivity_scan
-from .depth import Block, DepthResult, find_blocks, prune_blocks, remove_blocks
-from .latency import LatencyTable, plan_latency
 
 __all__ = ["Block", "CRITERIA", "ChannelGraph", "Criterion", "DepthConfig", "DepthResult", "Group", "LatencyTable",
            "LayerRecord", "PruneConfig", "PruneResult", "PrunedPadShortcut", "Sensitivity", "SensitivityConfig",

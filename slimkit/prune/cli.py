@@ -1,4 +1,4 @@
-"""``slimkit prune``: structured channel (and residual-block) pruning with measured parameters, MACs, accuracy and speed.
+"""``slimkit prune``: channel (and residual-block) pruning with measured parameters, MACs, accuracy and speed.
 
 Wired into ``slimkit/cli.py`` through its ``PLUGIN_COMMANDS`` table, which also adds ``--json`` and ``--threads``.
 """
@@ -11,7 +11,6 @@ import time
 
 from ..cli import logger
 from ..errors import SlimkitError
-
 
 CHANNEL_FLAGS = ("target_macs", "target_params", "target_latency", "ratio", "sensitivity")
 FINETUNE_FLAGS = ("epochs", "lr", "distill", "teacher", "teacher_weights")

@@ -40,7 +40,7 @@ class SensitivityConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class SparsityConfig(FitConfig):
-    """Train first with the criterion's sparsity term (SSL's group lasso for ``ssl``, Network Slimming's L1 on BN scales)."""
+    """Train first with the criterion's sparsity term (SSL's group lasso for ``ssl``, else L1 on BN scales)."""
 
     family = "sparsity"
 
@@ -91,7 +91,8 @@ class PruneConfig(MethodConfig):
                                            "measured per-layer latency table (NetAdapt/HALP)", choices=LATENCY_MODELS)
     latency_batch: int | tuple[int, ...] = option(1, "batch size(s) target_latency is timed at (several with the "
                                                      "table model, each must meet the target)", low=1)
-    reconstruct: str | bool | None = option("auto", "least-squares reconstruction of the cut layers (auto: ThiNet's scale "
+    reconstruct: str | bool | None = option("auto",
+                                            "least-squares reconstruction of the cut layers (auto: ThiNet's scale "
                                              "for thinet, He et al.'s full for lasso, none otherwise)",
                                      choices=RECONSTRUCT)
     batches: int = option(8, "training batches for the data-driven criteria and the weight reconstruction", low=1)

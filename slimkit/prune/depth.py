@@ -39,7 +39,6 @@ from torch import nn
 
 from ..errors import SlimkitError
 from .config import SCORINGS, DepthConfig  # noqa: F401  (SCORINGS re-exported)
-from .config import SCORINGS, DepthConfig  # noqa: F401  (SCORINGS re-exported)
 from .trace import hooked_forward
 
 __all__ = ["Block", "DepthResult", "find_blocks", "prune_blocks", "remove_blocks"]

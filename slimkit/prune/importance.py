@@ -35,6 +35,7 @@ from torch import nn
 from ..registry import Registry
 from .graph import ChannelGraph
 
+
 @dataclass(frozen=True)
 class Criterion:
     """A registered criterion and its facts: what it needs, which reconstruction its paper uses, the paper.

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..experimental import experimental
 from .graph import ChannelGraph
 from .trace import hooked_forward
 
@@ -83,6 +84,7 @@ def model_seconds(model: nn.Module, example_input: torch.Tensor, batch_sizes: Se
         model.train(was)
 
 
+@experimental("0.1", "the planner's ranking and the closed loop's re-planning rule are still being tuned")
 class LatencyTable:
     """Measured eager latency of the graph's layers at any width (NetAdapt, Yang et al. 2018; HALP, Shen et al. 2022).
 

@@ -54,7 +54,8 @@ from .importance import CRITERIA, compute_importance
 from .reconstruct import reconstruct_mode, reconstruct_weights
 from .surgery import PrunedPadShortcut, apply_plan, pad_sources  # noqa: F401  (re-exported)
 
-__all__ = ["PruneConfig", "PrunedPadShortcut", "PruneResult", "apply_plan", "estimate", "make_config", "pad_sources", "plan",
+__all__ = ["PruneConfig", "PrunedPadShortcut", "PruneResult", "apply_plan", "estimate", "make_config", "pad_sources",
+           "plan",
            "prune", "prune_once"]
 
 
@@ -456,7 +457,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | N
                                           target_macs=config.target_macs, max_drop=s.max_drop, steps=s.steps,
                                           batches=s.batches, round_to=config.round_to, rounding=config.rounding,
                                           untie_shortcuts=config.untie_shortcuts, device=device,
-                                          **{k: v for k, v in criterion_kwargs.items() if k not in ("batches", "device")})
+                                          **{k: v for k, v in criterion_kwargs.items() if k not in ("batches",
+                                                                                                    "device")})
         step_config = config.replace(sensitivity=None, target_macs=None, ratios=ratios)
     else:
         step_config = config

@@ -19,19 +19,35 @@ from torch import nn
 
 from ..data import Dataset, Loader
 from ..data.splits import balanced_subset, make_rng
-from ..errors import SlimkitError
 from ..pipeline import Context, register_stage
 from .config import QuantConfig, Train8Config
-from .core import (QuantizedModel, backend_config, calibrate, convert, fake_quant, fuse, is_quantized_module,
-                   make_qconfig, quantizable_layers, quantize)
+from .core import (
+    QuantizedModel,
+    backend_config,
+    calibrate,
+    convert,
+    fake_quant,
+    fuse,
+    is_quantized_module,
+    make_qconfig,
+    quantizable_layers,
+    quantize,
+)
 from .guard import guard, sensitivity
+from .observers import EMA, MSE, OBSERVERS, Entropy, HistogramClip, MinMax, Percentile, observer_class
 from .onnx import OrtModule, export_onnx_qdq  # onnxruntime itself is imported only when used
-from .observers import OBSERVERS, EMA, MSE, Entropy, HistogramClip, MinMax, Percentile, observer_class
 from .qat import LSQFakeQuantize, QATSchedule, convert_qat, prepare_qat, qat  # QAT with LSQ step sizes
-from .train8 import (QuantConv2d, QuantLinear, RangeBatchNorm2d, from_8bit_training,  # 8-bit training,
-                     to_8bit_training, train8_stage)  # Banner et al. 2018; registers stage `train8`
+from .train8 import (  # 8-bit training,
+    QuantConv2d,
+    QuantLinear,
+    RangeBatchNorm2d,
+    from_8bit_training,
+    to_8bit_training,  # Banner et al. 2018; registers stage `train8`
+    train8_stage,
+)
 
-__all__ = ["QuantConfig", "Train8Config", "EMA", "MSE", "OBSERVERS", "Entropy", "HistogramClip", "MinMax", "OrtModule", "Percentile", "QuantizedModel",
+__all__ = ["QuantConfig", "Train8Config", "EMA", "MSE", "OBSERVERS", "Entropy", "HistogramClip", "MinMax",
+           "OrtModule", "Percentile", "QuantizedModel",
            "backend_config", "calibrate", "calibration_loader", "convert", "export_onnx_qdq", "fake_quant", "fuse",
            "guard", "is_quantized_module", "make_qconfig", "observer_class", "quantizable_layers", "quantize",
            "quantize_stage", "sensitivity"]
@@ -78,7 +94,7 @@ def quantize_stage(model: nn.Module, ctx: Context, config: QuantConfig) -> nn.Mo
 def quantize_then_qat(model: nn.Module, calib_loader, config: QuantConfig | str = "minmax", *, keep_float=(),
                       max_drop: float | None = None, val_loader=None, log=None, qat_epochs: int = 0,
                       qat_lr: float = 1e-3, train_loader=None, **fit_options) -> QuantizedModel:
-    """PTQ with the optional accuracy guard (Jacob et al. 2018; Wu et al. 2020), then optionally QAT (Esser et al. 2020).
+    """PTQ with the optional accuracy guard (Jacob et al. 2018; Wu et al. 2020), then maybe QAT (Esser et al. 2020).
 
     ``config`` is a :class:`QuantConfig` (or an observer name with the keyword options building
     one). With ``qat_epochs`` > 0 the calibration initialises :func:`qat` on ``train_loader``;

@@ -63,7 +63,6 @@ def cli_quantize(args: argparse.Namespace) -> dict:
     from ..profile import profile
     from ..train import check_input, evaluate
     from . import calibration_loader, quantize_then_qat
-
     from .config import QuantConfig, Train8Config
 
     config = QuantConfig.from_args(args)

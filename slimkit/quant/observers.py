@@ -21,9 +21,8 @@ outputs, most of a CNN) and ``[-T, T]`` otherwise, then intersected with the obs
 
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch

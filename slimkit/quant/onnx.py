@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..experimental import experimental
 
 METHODS = ("minmax", "entropy", "percentile")
 
@@ -39,6 +40,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int =
     return path
 
 
+@experimental("0.1", "superseded by slimkit.export, which carries the model's own int8 scales")
 def export_onnx_qdq(model: nn.Module, calib_loader: Iterable, path: str, num_batches: int | None = None,
                     method: str = "minmax", per_channel: bool = True, opset: int = 17) -> str:
     """Write an int8 QDQ ONNX model of ``model`` calibrated on ``calib_loader``; returns ``path``.
@@ -50,8 +52,13 @@ def export_onnx_qdq(model: nn.Module, calib_loader: Iterable, path: str, num_bat
     and Krishnamoorthi 2018; ORT fuses the QDQ pairs into its int8 kernels at session build.
     """
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
     except ImportError as e:
         raise SlimkitError("export_onnx_qdq needs onnxruntime (pip install onnx onnxruntime)") from e
     if method not in METHODS:

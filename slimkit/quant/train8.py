@@ -39,10 +39,9 @@ from torch import nn
 
 from ..errors import SlimkitError
 from ..pipeline import Context, register_stage
-from .config import Train8Config
 from ..train import FitResult, fit
-from .lowbit import (_check_layer_bits, _QConv2dFn, _QLinearFn, quantize_grad, quantize_ste,
-                     quantize_symmetric)
+from .config import Train8Config
+from .lowbit import _check_layer_bits, _QConv2dFn, _QLinearFn, quantize_grad, quantize_ste, quantize_symmetric
 
 __all__ = ["QuantConv2d", "QuantLinear", "RangeBatchNorm2d", "expected_gaussian_range", "from_8bit_training",
            "quantize_grad", "quantize_ste", "quantize_symmetric", "range_constant", "to_8bit_training",

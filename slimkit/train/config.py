@@ -1,4 +1,4 @@
-"""The training options of :func:`slimkit.train.fit` as one config (recipes' fine-tunes, every command's training flags)."""
+"""The training options of :func:`slimkit.train.fit` as one config (recipes' fine-tunes, commands' training flags)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class FitConfig(MethodConfig):
         >>> FitConfig(optimizer="yogy")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        slimkit.errors.SlimkitError: fit: optimizer: unknown optimizer 'yogy' (known: ...); did you mean 'yogi'?
+        slimkit.config.ConfigError: fit: optimizer: unknown optimizer 'yogy' (known: ...); did you mean 'yogi'?
     """
 
     family = "fit"

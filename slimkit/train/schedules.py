@@ -19,7 +19,8 @@ SCHEDULES: Registry = Registry("schedule")
 @SCHEDULES.register("constant")
 def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
     """Constant learning rate after an optional linear warm-up."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0,
+                                                                      (s + 1) / warmup_steps) if warmup_steps else 1.0)
 
 
 @SCHEDULES.register("cosine")

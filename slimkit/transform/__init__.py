@@ -27,7 +27,8 @@ from .config import TransformConfig
 from .fit import batches_from, record_inputs, run_with_hooks
 from .methods import TRANSFORMS, LayerInfo, Transform, channelwise_geometry
 
-__all__ = ["TransformConfig", "TRANSFORMS", "LayerInfo", "Transform", "apply_transform", "channelwise_geometry", "eligible_layers",
+__all__ = ["TransformConfig", "TRANSFORMS", "LayerInfo", "Transform", "apply_transform", "channelwise_geometry",
+           "eligible_layers",
            "transform_stage"]
 
 ALL = ("all", "all eligible", "all_eligible")
@@ -122,6 +123,29 @@ def apply_transform(model: nn.Module, name: str, layers: str | list[str] | None 
     loader). The record of the call (replaced layers with their
     parameter counts, skipped layers with reasons) is ``model.slimkit_last_transform`` and, with
     ``record``, also appended to the model's provenance (``slimkit_history``).
+
+    Args:
+        model: the model, changed in place.
+        name: the transform (:data:`TRANSFORMS`).
+        layers: which layers (see above).
+        example_input: one input, for shapes when there is no loader.
+        calib_loader: training batches whose activations initialise the replacements.
+        num_batches, max_images: how much of ``calib_loader`` the fits see.
+        record: append the record to the model's provenance.
+        **kwargs: the transform's options (``groups``, ``ratio``, ...).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        SlimkitError: unknown transform, option or layer, or no layer to replace.
+
+    Example:
+        >>> import torch, slimkit
+        >>> m = apply_transform(slimkit.create_model("resnet20"), "depthwise_separable", layers=["layer1.0.conv1"],
+        ...                     example_input=torch.zeros(1, 3, 32, 32))   # Howard et al. 2017
+        >>> type(m.layer1[0].conv1).__name__
+        'SeparableConv'
     """
     t = TRANSFORMS.get(name)
     opts = _options(t, kwargs)
