@@ -324,8 +324,9 @@ def check_meta(meta: Any, where: str, path: tuple = ("meta",)) -> dict:
         classes = expect(meta["classes"], list, where, path + ("classes",))
         for i, c in enumerate(classes):
             expect(c, str, where, path + ("classes", i))
-    if meta.get("dataset") is not None:
-        expect(meta["dataset"], str, where, path + ("dataset",))
+    for key in ("dataset", "runtime"):
+        if meta.get(key) is not None:
+            expect(meta[key], str, where, path + (key,))
     return meta
 
 

@@ -238,6 +238,8 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "post-training static int8 quantization running on int8 kernels"),
     "transform": ("slimkit.transform.cli", "add_transform_args", "cli_transform",
                   "replace layers by efficient modules (depthwise-separable, factorised, bottleneck, ...)"),
+    "export": ("slimkit.export.cli", "add_export_args", "cli_export",
+               "export to ONNX, OpenVINO IR or TorchScript, verified in the runtime that deploys it"),
 }
 
 
@@ -315,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--vs", help="second model, measured interleaved with the first")
     sp.add_argument("--vs-weights")
     sp.add_argument("--batch-sizes", default="1,64")
-    sp.add_argument("--modes", default="eager,torchscript", help="eager, torchscript, compile, onnxruntime")
+    sp.add_argument("--runtime", "--modes", dest="modes", default="eager,torchscript",
+                    help="runtimes, comma-separated: eager, torchscript, compile (inductor), onnxruntime, openvino")
     sp.add_argument("--input-size", help="C,H,W (default: the model's own)")
     sp.add_argument("--repeats", type=int, default=20)
     for name, (module, add_args, run, help) in PLUGIN_COMMANDS.items():

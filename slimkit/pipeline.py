@@ -5,6 +5,8 @@ A recipe (YAML or a dict) names the model, the data and an ordered list of stage
     model: resnet20
     weights: ../shared/models/resnet20-12fca82f.th
     data: cifar10:../shared/data/cifar10-jpeg
+    runtime: onnxruntime                  # optional: the runtime the model is tuned for (kept in its meta)
+    bench: {runtimes: [eager, onnxruntime], batch_sizes: [1, 64]}   # optional: latency after each stage
     stages:
       - method: finetune
         epochs: 2
@@ -134,6 +136,7 @@ class Context:
     stage_index: int = 0
     # what the running stage wants kept in its provenance record (e.g. which layers it replaced)
     details: dict[str, Any] = field(default_factory=dict)
+    bench: Any = None  # a BenchConfig: time the model per runtime after every stage
 
     def stage_dir(self, name: str) -> str:
         path = os.path.join(self.out_dir, "stages", f"{self.stage_index:02d}-{name}")
@@ -229,7 +232,7 @@ def finetune_stage(model: nn.Module, ctx: Context, config: FinetuneConfig) -> nn
 
 
 def measure(model: nn.Module, ctx: Context) -> dict:
-    """Validation and test accuracy, parameters and MACs of ``model`` on the context's data."""
+    """Validation and test accuracy, parameters and MACs of ``model``; latency per runtime with ``ctx.bench``."""
     from .profile import profile
 
     bs = ctx.batch_size
@@ -237,8 +240,20 @@ def measure(model: nn.Module, ctx: Context) -> dict:
     test = evaluate(model, ctx.data.loader("test", bs), device=ctx.device)
     example = torch.zeros(1, *ctx.data.info.input_size, device=ctx.device)
     prof = profile(model, example)
-    return {"val_top1": val["top1"] if val else None, "test_top1": test["top1"], "test_top5": test["top5"],
-            "test_n": test["n"], "params": prof.params, "macs": prof.macs}
+    out = {"val_top1": val["top1"] if val else None, "test_top1": test["top1"], "test_top5": test["top5"],
+           "test_n": test["n"], "params": prof.params, "macs": prof.macs}
+    if ctx.bench is not None:
+        from .bench import bench
+
+        b = ctx.bench
+        timed = bench(model.cpu(), ctx.data.info.input_size, batch_sizes=b.batch_sizes, threads=b.threads,
+                      modes=b.runtimes, repeats=b.repeats, min_time_s=0.1, roofline=False)
+        out["latency_ms"] = {mode: {str(n): r["median_ms"] for n, r in by_batch.items()}
+                             for mode, by_batch in timed.results.items()}
+        if timed.errors:
+            out["latency_errors"] = timed.errors
+        model.to(ctx.device)
+    return out
 
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -246,7 +261,7 @@ MAX_RECIPE_BYTES = 1 << 20
 RECIPE_TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "weights": (str, type(None)), "num_classes": (int, type(None)), "data": (str,),
     "limit": (int, type(None)), "seed": (int,), "batch_size": (int,), "device": (str,), "stages": (list, type(None)),
-    "val_size": (int, float), "progress": (bool,)}
+    "val_size": (int, float), "progress": (bool,), "bench": (dict,), "runtime": (str,)}
 RECIPE_KEYS = set(RECIPE_TYPES)
 
 
@@ -298,6 +313,15 @@ def validate_recipe(recipe: Any, where: str = "recipe", *, from_file: bool = Fal
     for key, types in RECIPE_TYPES.items():
         if key in recipe:
             expect(recipe[key], types, where, (key,))
+    if "bench" in recipe:  # checked now, before any data is read
+        from .bench.config import BenchConfig
+
+        BenchConfig.from_options(recipe["bench"], where=f"{where}: bench")
+    if "runtime" in recipe:
+        from .bench.runners import MODES
+
+        if recipe["runtime"] not in MODES:
+            raise SlimkitError(f"{where}: field runtime: {recipe['runtime']!r} is not one of {', '.join(MODES)}")
     if from_file:
         recipe["model"] = document_spec(recipe["model"], f"{where}: field model")
     for i, stage in enumerate(recipe.get("stages") or []):
@@ -376,6 +400,10 @@ def _run_recipe(recipe: dict, out_dir: str, progress: bool | None, log: Callable
     ctx = Context(data=data, out_dir=out_dir, seed=seed, batch_size=int(recipe.get("batch_size", 128)),
                   device=recipe.get("device", "cpu"),
                   progress=recipe.get("progress", True) if progress is None else progress)
+    if "bench" in recipe:
+        from .bench.config import BenchConfig
+
+        ctx.bench = BenchConfig.from_options(recipe["bench"], where="bench")
     x, _ = next(iter(data.loader("val" if len(data.val) else "test", 2)))
     check_input(model, x.to(ctx.device), data.info.num_classes, f"dataset {recipe['data']}")
     os.makedirs(out_dir, exist_ok=True)
@@ -401,8 +429,11 @@ def _run_recipe(recipe: dict, out_dir: str, progress: bool | None, log: Callable
         log(f"{i}. {entry.name}: {_fmt(metrics)}")
 
     artifact = os.path.join(out_dir, "model.safetensors")
-    save(model, artifact, meta={"dataset": recipe["data"], "input_size": list(data.info.input_size),
-                                "classes": list(data.info.classes), "recipe": recipe})
+    meta = {"dataset": recipe["data"], "input_size": list(data.info.input_size), "classes": list(data.info.classes),
+            "recipe": recipe}
+    if recipe.get("runtime"):  # the runtime the model was tuned for, so a later export or bench knows
+        meta["runtime"] = recipe["runtime"]
+    save(model, artifact, meta=meta)
     report = {"recipe": recipe, "steps": steps, "artifact": artifact, "artifact_bytes": os.path.getsize(artifact)}
     atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
     return report
@@ -410,4 +441,7 @@ def _run_recipe(recipe: dict, out_dir: str, progress: bool | None, log: Callable
 
 def _fmt(m: dict) -> str:
     val = f"{m['val_top1']:.4f}" if m["val_top1"] is not None else "-"
-    return f"val top1 {val}, test top1 {m['test_top1']:.4f}, params {m['params']:,}, MACs {m['macs']:,}"
+    text = f"val top1 {val}, test top1 {m['test_top1']:.4f}, params {m['params']:,}, MACs {m['macs']:,}"
+    for mode, by_batch in (m.get("latency_ms") or {}).items():
+        text += f"; {mode} " + ", ".join(f"bs{b} {ms:.2f} ms" for b, ms in by_batch.items())
+    return text

@@ -8,7 +8,7 @@
 * :func:`stats` is the summary (median, p10, p90, mean, CV) used for every benchmark table.
 """
 
-from .core import DEFAULT_MODES, bench, compare, run_bench_cli
+from .core import DEFAULT_MODES, bench, compare, run_bench_cli, time_interleaved
 from .peak import MachinePeak, count_macs, machine_peak
 from .results import BenchResult, CompareResult
 from .runners import MODES, Runner, build_runner, default_threads, fixed_threads, onnxruntime_available
@@ -16,4 +16,4 @@ from .stats import percentile, stats
 
 __all__ = ["DEFAULT_MODES", "MODES", "BenchResult", "CompareResult", "MachinePeak", "Runner", "bench",
            "build_runner", "compare", "count_macs", "default_threads", "fixed_threads", "machine_peak",
-           "onnxruntime_available", "percentile", "run_bench_cli", "stats"]
+           "onnxruntime_available", "percentile", "run_bench_cli", "stats", "time_interleaved"]

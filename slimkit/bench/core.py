@@ -224,6 +224,31 @@ def _roofline(models: Sequence[nn.Module], input_size: tuple[int, ...], threads:
 
 # ---------------------------------------------------------------- public API
 
+def time_interleaved(runners: Sequence[Runner], *, warmup: int = 5, repeats: int = 20, min_time_s: float = 0.5,
+                     min_sample_s: float = 1e-3) -> list[list[float]]:
+    """Seconds per call of each runner, sampled in interleaved rounds (each round times every runner once).
+
+    The building block of :func:`compare` for any number of runners of any runtimes (eager
+    PyTorch against ONNX Runtime, say): per-round ratios between two of them cancel the drift of
+    a shared machine. Every sample averages the same number of calls for all runners.
+
+    Args:
+        runners: built runners (:func:`slimkit.bench.build_runner`, or any ``Runner(mode, call, timed)``).
+        warmup: calls of each before timing.
+        repeats, min_time_s: at least this many rounds and seconds.
+        min_sample_s: each sample of the fastest runner lasts at least this long.
+
+    Returns:
+        One list of per-call seconds per runner, aligned by round.
+    """
+    with torch.inference_mode():
+        for r in runners:
+            _warm(r, warmup)
+    with _timing_region():
+        iters = _iters_per_sample(runners, min_sample_s)
+        return _collect(runners, iters, repeats, min_time_s)
+
+
 def bench(model: nn.Module, input_size: Sequence[int], batch_sizes: Sequence[int] = (1, 64),
           threads: int | None = None, modes: Sequence[str] = DEFAULT_MODES, warmup: int = 5, repeats: int = 20,
           min_time_s: float = 0.5, min_sample_s: float = 1e-3, name: str | None = None,

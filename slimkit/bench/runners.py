@@ -1,5 +1,5 @@
 """Execution modes: the same model made runnable as eager PyTorch, frozen TorchScript,
-``torch.compile`` or ONNX Runtime, each as a zero-argument callable on a fixed input."""
+``torch.compile``, ONNX Runtime or OpenVINO, each as a zero-argument callable on a fixed input."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODES = ("eager", "torchscript", "compile", "onnxruntime")
+MODES = ("eager", "torchscript", "compile", "onnxruntime", "openvino")
 
 
 def default_threads() -> int:
@@ -117,40 +117,47 @@ def _compile(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
 
 
 def ort_session(path: str, threads: int):
-    """An ONNX Runtime CPU session with a fixed thread count, set up for fair timing."""
+    """An ONNX Runtime CPU session with a fixed thread count, set up for fair timing (:mod:`slimkit.export.runtime`)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ORT's pool busy-waits after each run by default; in an interleaved comparison that
-    # spinning would steal cores from the other model's next sample.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    from ..export.runtime import ort_options
+
+    return ort.InferenceSession(path, ort_options(threads), providers=["CPUExecutionProvider"])
 
 
-def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
-    if not onnxruntime_available():
-        raise RuntimeError("onnxruntime is not installed (pip install onnx onnxruntime)")
-    with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # The TorchScript-based exporter needs only torch; the dynamo one needs onnxscript.
-            torch.onnx.export(model, (x,), path, input_names=["input"], dynamo=False)
-        # The session reads the file when built, so the temporary directory can go afterwards.
-        session = ort_session(path, threads)
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return Runner("onnxruntime", lambda: session.run(None, feed), session)
+def _exported(mode: str):
+    """A runner building ``model`` into an ONNX file (QDQ for an int8 model) opened in ``mode``'s runtime."""
+
+    def build(model: nn.Module, x: torch.Tensor, threads: int) -> Runner:
+        from ..export.formats import FORMATS
+        from ..export.runtime import RUNTIMES
+
+        runtime = RUNTIMES.get(mode)
+        runtime.require()
+        with tempfile.TemporaryDirectory(prefix="slimkit-bench-") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            FORMATS.get("onnx").write(model, x[:1], path, _OnnxSettings())
+            # the session reads the file when built, so the temporary directory can go afterwards
+            session = runtime.open(path, threads)
+        feed = x.numpy()
+        return Runner(mode, lambda: session.run(feed), session.handle)
+
+    return build
+
+
+@dataclass(frozen=True)
+class _OnnxSettings:
+    opset: int = 17
+    dynamic_batch: bool = True
+    activations: str = "u8"
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor, int], Runner]] = {
     "eager": _eager,
     "torchscript": _torchscript,
     "compile": _compile,
-    "onnxruntime": _onnxruntime,
+    "onnxruntime": _exported("onnxruntime"),
+    "openvino": _exported("openvino"),
 }
 
 
@@ -160,8 +167,9 @@ def build_runner(model: nn.Module, mode: str, example: torch.Tensor, threads: in
     ``eager`` calls the module as is; ``torchscript`` traces it on ``example`` (so at that batch
     size), freezes it (weights become constants, BatchNorm folds into convolutions) and applies
     ``optimize_for_inference``; ``compile`` wraps it in ``torch.compile`` and compiles on the
-    first call; ``onnxruntime`` exports it with ``torch.onnx.export`` to a temporary file and
-    opens an ONNX Runtime CPU session with ``intra_op_num_threads = threads``. The model must
+    first call; ``onnxruntime`` and ``openvino`` export it as :func:`slimkit.export.export` does
+    (an int8 model in QDQ form with its own scales) to a temporary ONNX file and open it in that
+    runtime with ``threads`` threads (:mod:`slimkit.export.runtime`). The model must
     already be in eval mode; the returned runner's calls are meant to run under
     ``torch.inference_mode()``.
     """
