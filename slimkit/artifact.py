@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,9 +117,40 @@ def _serializer(type_name: str) -> ModuleSerializer | None:
         return MODULES.get(type_name)
     if type_name.startswith("torch.nn."):
         cls = getattr(nn, type_name[len("torch.nn."):], None)
-        if isinstance(cls, type) and issubclass(cls, nn.Module):
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ in TORCH_NN_FAMILIES:
             return ModuleSerializer(cls, _init_config, _init_build(cls))
     return None
+
+
+# torch.nn layers an artifact may build from JSON: CNN building blocks whose constructor cost is their
+# size. Not transformers or RNNs (a num_layers from a file would build that many layers) nor embeddings.
+TORCH_NN_FAMILIES = frozenset(f"torch.nn.modules.{m}" for m in (
+    "module", "container", "conv", "linear", "batchnorm", "normalization", "instancenorm", "activation", "pooling",
+    "dropout", "flatten", "padding", "pixelshuffle", "upsampling", "channelshuffle", "distance"))
+_BUDGET: ContextVar[list | None] = ContextVar("slimkit_load_budget", default=None)
+
+
+def declared_values(build: Callable[[], nn.Module]) -> int | None:
+    """How many tensor values ``build()`` would allocate, counted on the meta device (None: it cannot run there)."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+        return sum(t.numel() for t in probe.state_dict().values() if isinstance(t, torch.Tensor))
+    except Exception:  # noqa: BLE001 - a builder that needs real tensors is built for real, unchecked
+        return None
+
+
+def charge(what: str, build: Callable[[], nn.Module]) -> None:
+    """While loading a file, refuse a build that would allocate more values than the file justifies."""
+    budget = _BUDGET.get()
+    if budget is None:
+        return
+    n = declared_values(build)
+    if n is None:
+        return
+    budget[0] -= n
+    if budget[0] < 0:
+        raise SlimkitError(f"{what} declares {n:,} values, more than the file's tensors justify ({budget[1]:,})")
 
 
 def describe(module: nn.Module) -> dict:
@@ -136,8 +168,18 @@ def describe(module: nn.Module) -> dict:
     return node
 
 
+def _same_type_name(a: str, b: str) -> bool:
+    """Type names are equal; a user file's module may carry a process-local suffix (slimkit_user_nets_2)."""
+    import re
+
+    def canonical(name: str) -> str:
+        return re.sub(r"^(slimkit_user_\w+?)_\d+\.", r"\1.", name)
+
+    return a == b or canonical(a) == canonical(b)
+
+
 def _rebuild(existing: nn.Module | None, node: dict, path: str) -> nn.Module:
-    same_type = existing is not None and _type_name(type(existing)) == node["type"]
+    same_type = existing is not None and _same_type_name(_type_name(type(existing)), node["type"])
     if same_type and "config" in node:
         same_type = describe_config(existing) == node["config"]
     if same_type:
@@ -148,6 +190,7 @@ def _rebuild(existing: nn.Module | None, node: dict, path: str) -> nn.Module:
             where = path or "<root>"
             raise SlimkitError(f"cannot rebuild module '{where}' of type {node['type']}: it differs from the base "
                                f"model and is not registered with slimkit.artifact.register_module")
+        charge(f"module '{path or '<root>'}' ({node['type']})", lambda: ser.build(node["config"]))
         try:
             module = ser.build(node["config"])
         except Exception as e:  # noqa: BLE001 - a config the type refuses is the file's fault
@@ -424,15 +467,35 @@ def load(path: str | os.PathLike, *, trust_code: str | os.PathLike | list[str] |
             raise SlimkitError(f"{path}: cannot load this artifact ({_first_line(e)})") from None
 
 
+def _file_values(path: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        total = 0
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
 def _load(path: str) -> nn.Module:
     from safetensors.torch import load_file
 
     from .models.registry import build_base
 
     header = read_header(path)
-    base = header.get("base")
-    built = build_base(base, path) if base else None
-    model = _rebuild(built, header["modules"], "")
+    # every module built from the header is first counted on the meta device: together they may not
+    # declare more than twice the file's values (base model plus replacements) and a little slack
+    justified = 2 * _file_values(path) + 1_000_000
+    token = _BUDGET.set([justified, justified])
+    try:
+        base = header.get("base")
+        built = build_base(base, path) if base else None
+        model = _rebuild(built, header["modules"], "")
+    finally:
+        _BUDGET.reset(token)
     state = load_file(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

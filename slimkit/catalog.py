@@ -98,6 +98,26 @@ def transforms_section() -> str:
                       _table(["name", "replaces", "options (defaults)", "fits on data", "paper"], rows), ""])
 
 
+def decompositions_section() -> str:
+    from .decompose import DECOMPOSITIONS
+
+    rows = [[f"`{n}`", "yes" if DECOMPOSITIONS.get(n).uses_data else "no", DECOMPOSITIONS.get(n).paper]
+            for n in DECOMPOSITIONS.names()]
+    return "\n".join(["## Decompositions (`decompose` stage `method:`, `slimkit decompose --method`)", "",
+                      _table(["name", "needs data", "paper"], rows), ""])
+
+
+def export_section() -> str:
+    from .export import FORMATS, RUNTIMES
+
+    fmts = [[f"`{n}`", FORMATS.get(n).suffix, FORMATS.get(n).runtime] for n in FORMATS.names()]
+    rts = [[f"`{n}`", FORMATS.get(RUNTIMES.get(n).format).suffix, f"`pip install 'slimkit[{RUNTIMES.get(n).extra}]'`"]
+           for n in RUNTIMES.names()]
+    return "\n".join(["## Export formats and runtimes (`slimkit export --format`, `slimkit bench --runtime`)", "",
+                      _table(["format", "file", "runs in"], fmts), "",
+                      _table(["runtime", "runs", "installs with"], rts), ""])
+
+
 def models_section() -> str:
     from .models import MODELS
     from .models.registry import PREFIXES
@@ -124,7 +144,8 @@ def catalog_markdown() -> str:
             "registries and the config classes; the test suite fails when it is stale. Each section is what a "
             "recipe key or a command-line flag accepts.\n")
     return "\n".join([head, stages_section(), criteria_section(), observers_section(), distill_section(),
-                      transforms_section(), training_section(), models_section()]).rstrip() + "\n"
+                      transforms_section(), decompositions_section(), export_section(), training_section(),
+                      models_section()]).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

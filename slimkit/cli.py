@@ -238,6 +238,8 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "post-training static int8 quantization running on int8 kernels"),
     "transform": ("slimkit.transform.cli", "add_transform_args", "cli_transform",
                   "replace layers by efficient modules (depthwise-separable, factorised, bottleneck, ...)"),
+    "decompose": ("slimkit.decompose.cli", "add_decompose_args", "cli_decompose",
+                  "low-rank decomposition of conv and linear layers (SVD, CP, Tucker-2, separable, asymmetric)"),
     "export": ("slimkit.export.cli", "add_export_args", "cli_export",
                "export to ONNX, OpenVINO IR or TorchScript, verified in the runtime that deploys it"),
 }

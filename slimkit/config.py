@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -246,6 +247,8 @@ class MethodConfig:
                 names = cls.extra_names(own)
             except SlimkitError as e:
                 raise SlimkitError(prefix + str(e)) from None
+            except Exception:  # noqa: BLE001 - a value of the wrong type: the field's own check names it below
+                names = set()
             extras = dict(own.get(cls.extras) or {})
             extras.update({k: options.pop(k) for k in list(options) if k in names})
             own[cls.extras] = extras
@@ -343,8 +346,11 @@ class MethodConfig:
             hint, meta = hints[f.name], f.metadata
             default = defaults.get(f.name, f.default if f.default is not _MISSING else f.default_factory())
             dest = prefix + f.name
+            if any(a.dest == dest for a in parser._actions):  # the command has a flag of that name (--batch-size)
+                parser.set_defaults(**{f"_dest_{dest}": f"{cls.family}__{dest}"})
+                dest = f"{cls.family}__{dest}"
             flag = cls.flag(f.name, rename, prefix)
-            parser.set_defaults(**{f"_flag_{dest}": flag})  # from_args names a refused value by its flag
+            parser.set_defaults(**{f"_flag_{prefix}{f.name}": flag})  # from_args names a refused value by its flag
             text = meta.get("help", "")
             names = _names(meta.get("choices")) or _names(meta.get("listing"))
             base = _strip_optional(hint)
@@ -372,7 +378,7 @@ class MethodConfig:
                 kwargs["help"] = text + f" (one of: {', '.join(names)})" + suffix
             kwargs["metavar"] = meta.get("metavar") or _metavar(base)
             if meta.get("repeat"):
-                kwargs.update(action="append", default=None)
+                kwargs.update(action="append", default=None, type=_parse_pair)
             group.add_argument(flag, **kwargs)
         return parser
 
@@ -387,7 +393,7 @@ class MethodConfig:
         values = dict(fixed)
         hints = typing.get_type_hints(cls)
         for f in cls.cli_fields(only, skip):
-            dest = prefix + f.name
+            dest = getattr(args, f"_dest_{prefix}{f.name}", prefix + f.name)
             if not hasattr(args, dest) or f.name in fixed:
                 continue
             value = getattr(args, dest)
@@ -427,6 +433,20 @@ def _parse_list(item: Callable[[str], Any]) -> Callable[[str], tuple]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
     return parse
+
+
+def _parse_pair(text: str) -> dict:
+    """One ``KEY=VALUE`` (``--opt pairs=a:b,c:d``): split at the first ``=``, the value JSON when it is JSON."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return {key.strip().replace("-", "_"): parsed}
 
 
 def _parse_mapping(text: str) -> dict:
@@ -509,8 +529,8 @@ def _conform(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok and value == value, float(value) if ok else None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else None
     if hint is str:
         return isinstance(value, str), value
     if origin is tuple:
@@ -538,8 +558,8 @@ def _conform(hint: Any, value: Any) -> tuple[bool, Any]:
     if isinstance(hint, type) and issubclass(hint, MethodConfig):
         if isinstance(value, hint):
             return True, value
-        if isinstance(value, Mapping):
-            return True, hint.from_options(value)
+        if isinstance(value, Mapping):  # a recipe's mapping, or a record written by to_dict (with its version)
+            return True, hint.from_dict(value) if "version" in value else hint.from_options(value)
         return False, None
     return isinstance(value, hint), value
 

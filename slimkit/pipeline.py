@@ -83,7 +83,7 @@ STAGES: Registry[StageEntry] = Registry("stage")
 
 
 # Modules that register stages when imported; loaded on first lookup so `import slimkit` stays light.
-STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune", "slimkit.distill")
+STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune", "slimkit.distill", "slimkit.decompose")
 
 
 def load_stage_modules() -> None:
@@ -183,11 +183,17 @@ class FinetuneConfig(FitConfig):
             raise self.error("teacher_weights", "needs {teacher}")
         if self.distill:
             from .distill import METHODS
+            from .distill.config import check_method_options
 
             for name in self.distill.split("+"):
                 if name.strip() not in METHODS:
                     raise self.error("distill",
                                      f"unknown method {name.strip()!r} (known: {', '.join(METHODS.names())})")
+            problem = check_method_options(self.distill, self.distill_options)
+            if problem:
+                raise self.error("distill_options", problem)
+        elif self.distill_options:
+            raise self.error("distill_options", "go with {distill}")
 
     @property
     def fit(self) -> FitConfig:
@@ -313,6 +319,14 @@ def validate_recipe(recipe: Any, where: str = "recipe", *, from_file: bool = Fal
     for key, types in RECIPE_TYPES.items():
         if key in recipe:
             expect(recipe[key], types, where, (key,))
+    if recipe.get("num_classes") is not None and recipe["num_classes"] < 1:
+        raise SlimkitError(f"{where}: field num_classes: {recipe['num_classes']} is not a class count")
+    if "device" in recipe:
+        try:
+            torch.device(recipe["device"])
+        except (RuntimeError, ValueError):
+            raise SlimkitError(f"{where}: field device: {recipe['device']!r} is not a torch device (cpu, cuda, "
+                               "cuda:1, ...)") from None
     if "bench" in recipe:  # checked now, before any data is read
         from .bench.config import BenchConfig
 

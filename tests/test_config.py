@@ -162,7 +162,8 @@ def test_help_and_config_fields_agree(command):
     for cls, how in command_configs(command).values():
         prefix = how.get("prefix", "")
         for f in cls.cli_fields(how.get("only"), how.get("skip", ())):
-            dest = prefix + f.name
+            # a field whose dest the command already uses (--batch-size) gets its own, recorded as a default
+            dest = sub.get_default(f"_dest_{prefix}{f.name}") or prefix + f.name
             expected.add(dest)
             assert dest in actions, f"{command}: no flag for {cls.__name__}.{f.name}"
             action = actions[dest]
@@ -172,7 +173,7 @@ def test_help_and_config_fields_agree(command):
                 f"{command}: {cls.__name__}.{f.name} is not {flag}"
             nested = dataclasses.fields(cls)
             assert f in nested
-    stray = {d for d in actions if not d.startswith("_flag_")} - expected - COMMON
+    stray = {d for d in actions if not d.startswith(("_flag_", "_dest_"))} - expected - COMMON
     # a nested config's own fields (sensitivity_max_drop ...) are flags of the nested class
     stray = {d for d in stray if not any(d.startswith(f"{n.name}_") for cls, _ in command_configs(command).values()
                                          for n in dataclasses.fields(cls))}
@@ -248,3 +249,42 @@ def test_public_entry_points_document_args_and_an_example(name):
           "profile": profile, "compare": compare}[name]
     doc = fn.__doc__ or ""
     assert "Args:" in doc and "Returns:" in doc and ">>>" in doc, f"{name}: Args/Returns/example missing"
+
+
+def test_nested_configs_round_trip_through_their_records():
+    c = PruneConfig(target_macs=0.5, sensitivity=SensitivityConfig(batches=2), steps=2,
+                    step_finetune=FitConfig(epochs=2))
+    assert PruneConfig.from_dict(c.to_dict()) == c
+
+
+def test_flags_of_a_config_never_share_a_dest_with_the_command(tmp_path):
+    p = build_parser()
+    a = p.parse_args(["quantize", "m", "--data", "d", "--out", "o", "--calib-batch-size", "16", "--batch-size", "512"])
+    assert a.batch_size == 512 and QuantConfig.from_args(a).batch_size == 16
+
+
+def test_opt_takes_one_key_value_each(tmp_path):
+    p = build_parser()
+    a = p.parse_args(["distill", "--teacher", "t", "--student", "s", "--method", "at", "--data", "d", "--out", "o",
+                      "--opt", "pairs=layer2:layer2,layer3:layer3", "--opt", "ce-weight=0.5"])
+    assert DistillConfig.from_args(a, fit=FitConfig()).options == {"pairs": "layer2:layer2,layer3:layer3",
+                                                                   "ce_weight": 0.5}
+    with pytest.raises(SlimkitError, match="option T must be a finite number"):
+        DistillConfig.from_options({"distill": "kd", "T": "abc"})
+
+
+def test_non_finite_numbers_are_refused():
+    with pytest.raises(SlimkitError, match="warmup_epochs: expected number"):
+        FitConfig(warmup_epochs=float("inf"))
+    with pytest.raises(SlimkitError, match="lr: expected number"):
+        FitConfig(lr=float("nan"))
+
+
+def test_the_older_none_defaults_of_prune_still_work():
+    import torch
+
+    from slimkit.prune import prune
+
+    r = prune(slimkit.create_model("digits_cnn"), torch.zeros(1, 1, 8, 8), ratio=0.5, ratios=None, protected=None,
+              round_to=4)
+    assert r.macs_after < r.macs_before

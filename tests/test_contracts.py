@@ -40,3 +40,8 @@ def test_every_distillation_method(name):
 def test_every_observer(name):
     err, agree = contracts.check_observer(name)
     assert agree >= 0.8, f"{name}: int8 and float agree on {agree:.0%} of the top-1 predictions"
+
+
+@pytest.mark.parametrize("name", contracts.decomposition_names())
+def test_every_decomposition(name):
+    contracts.check_decomposition(name)

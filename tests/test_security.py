@@ -365,3 +365,130 @@ def test_pickled_code_in_a_training_checkpoint_never_runs(tmp_path):
     torch.save({"epoch": "one", "log": []}, tmp_path / CHECKPOINT)  # plain data, wrong types
     with pytest.raises(SlimkitError, match="does not match"):
         fit(slimkit.create_model("digits_cnn"), data, epochs=1, checkpoint_dir=str(tmp_path), progress=False)
+
+
+# -- found in review: each once a way past the promise ----------------------------------------------------------
+
+def test_a_trusted_file_runs_only_the_builders_it_defines(tmp_path):
+    marker = tmp_path / "PWNED"
+    nets = tmp_path / "nets.py"
+    nets.write_text(NETS + "\nfrom os import makedirs\n\ndef _private(**kw):\n    raise SystemExit('ran')\n")
+    art = slimkit.save(slimkit.create_model(f"{nets}:build").eval(), tmp_path / "m.safetensors")
+    for fn, kwargs in (("makedirs", {"name": str(marker), "exist_ok": True}), ("_private", {})):
+        forged = _forge(str(art), tmp_path / f"{fn}.safetensors",
+                        _set(("base",), {"spec": f"{nets}:{fn}", "num_classes": None, "kwargs": kwargs}))
+        with pytest.raises(SlimkitError, match=f"defines no public builder function '{fn}'"):
+            slimkit.load(forged, trust_code=str(nets))
+    assert not marker.exists()
+
+
+def test_declared_sizes_beyond_the_file_are_refused(artifact, tmp_path):
+    import time
+
+    cases = {
+        "huge linear": _set(("modules", "children", "big"),
+                            {"type": "torch.nn.Linear", "config": {"in_features": 16000, "out_features": 16000}}),
+        "transformer": _set(("modules", "children", "t"),
+                            {"type": "torch.nn.Transformer", "config": {"num_encoder_layers": 20000}}),
+        "huge base": _set(("base", "spec"), "wrn28_10"),
+    }
+    for case, edit in cases.items():
+        forged = _forge(artifact, tmp_path / "x.safetensors", edit)
+        t0 = time.perf_counter()
+        with pytest.raises(SlimkitError, match="declares .* values, more than|not registered"):
+            slimkit.load(forged)
+        assert time.perf_counter() - t0 < 10, case
+
+
+def test_crafted_quantized_state_is_bounded(tmp_path):
+    import time
+
+    from slimkit.quant import quantize
+
+    q = quantize(slimkit.create_model("digits_cnn").eval(), [torch.randn(8, 1, 8, 8)])
+    path = str(slimkit.save(q, tmp_path / "q.safetensors"))
+    state = load_file(path)
+    key = next(k for k in state if k.endswith(".__qlen"))
+    for value, message in ((2 ** 62, r"outside \[0, 9\)"), (-1, "outside")):
+        bad = dict(state)
+        bad[key] = torch.tensor(value)
+        save_file(bad, str(tmp_path / "b.safetensors"), metadata={"slimkit": json.dumps(read_header(path))})
+        t0 = time.perf_counter()
+        with pytest.raises(SlimkitError, match=message):
+            slimkit.load(tmp_path / "b.safetensors")
+        assert time.perf_counter() - t0 < 10
+    axis = next(k for k in state if k.endswith(".__qaxis"))
+    bad = {**state, axis: torch.tensor(10 ** 9)}
+    save_file(bad, str(tmp_path / "c.safetensors"), metadata={"slimkit": json.dumps(read_header(path))})
+    with pytest.raises(SlimkitError, match="outside"):
+        slimkit.load(tmp_path / "c.safetensors")
+    header = read_header(path)
+    header["modules"]["config"]["recipe"]["observer"] = "percentile"
+    header["modules"]["config"]["recipe"]["observer_kwargs"] = {"bins": 10 ** 8}
+    save_file(state, str(tmp_path / "d.safetensors"), metadata={"slimkit": json.dumps(header)})
+    with pytest.raises(SlimkitError, match="bins must be in"):
+        slimkit.load(tmp_path / "d.safetensors")
+
+
+class _Huge:
+    def __reduce__(self):
+        import numpy as np
+        from numpy._core.multiarray import _reconstruct
+        return (_reconstruct, (np.ndarray, (300000, 3072), np.dtype("u1")))
+
+
+def test_a_cifar_batch_cannot_ask_for_memory_it_does_not_hold(tmp_path):
+    import pickle
+
+    from slimkit.data import load
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": _Huge(), b"labels": [0]}, f, protocol=4)
+    with pytest.raises(SlimkitError, match=r"asks for shape \(300000, 3072\) before any data"):
+        load(f"cifar10:{tmp_path}")
+
+
+def test_a_crafted_layer_that_fails_in_the_forward_is_one_line(artifact, tmp_path):
+    forged = _forge(artifact, tmp_path / "s.safetensors",
+                    _set(("modules", "children", "features", "children", "2"),
+                         {"type": "torch.nn.Softmax", "config": {"dim": 9}}))
+    line = _one_line_error(*_cli("eval", forged, "--data", "digits", "--json")[::2])
+    assert "cannot take input" in line and "IndexError" in line
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: digits_cnn\ndata: digits\nstages: [{method: distill, distill: 5}]\n", "distill: expected string"),
+    ("model: digits_cnn\ndata: digits\ndevice: bogus\n", "field device"),
+    ("model: digits_cnn\ndata: digits\nnum_classes: -3\n", "field num_classes"),
+    ("model: digits_cnn\ndata: digits\nstages: [{method: finetune, warmup_epochs: .inf}]\n",
+     "warmup_epochs: expected number"),
+    ("model: digits_cnn\ndata: digits\nstages: [{method: quantize, observer_kwargs: {foo: 1}}]\n",
+     "takes no option 'foo'"),
+    ("model: digits_cnn\ndata: digits\nstages: [{method: prune, ratio: 0.5, finetune: {distill: kd, "
+     "distill_options: {temperature: 4}}}]\n", "kd takes no option 'temperature'"),
+])
+def test_more_bad_recipes_fail_before_data(tmp_path, monkeypatch, text, message):
+    import re
+
+    import slimkit.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_data", lambda *a, **k: pytest.fail("data was read"))
+    recipe = _recipe(tmp_path, text)
+    line = _one_line_error(*_cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
+    assert re.search(message, line), line
+
+
+def test_same_named_user_files_in_one_process_still_load(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "nets.py").write_text(NETS)
+    slimkit.create_model(f"{tmp_path / 'a' / 'nets.py'}:build")
+    second = slimkit.create_model(f"{tmp_path / 'b' / 'nets.py'}:build").eval()
+    path = slimkit.save(second, tmp_path / "s.safetensors")
+    r = subprocess.run([sys.executable, "-m", "slimkit.cli", "info", str(path), "--trust-code",
+                        str(tmp_path / "b" / "nets.py"), "--json"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr

@@ -113,13 +113,31 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                                "holds only numpy arrays, so this file is not one or has been tampered with")
         for home in homes:
             try:
-                return getattr(importlib.import_module(home), name)
+                found = getattr(importlib.import_module(home), name)
             except (ImportError, AttributeError):
                 continue
+            return self._empty_only(found) if name == "_reconstruct" else found
         raise SlimkitError(f"{self.path}: this numpy cannot rebuild {module}.{name}")
+
+    def _empty_only(self, reconstruct):
+        """numpy pickles an array as ``_reconstruct(ndarray, (0,), ...)`` filled by its state (bytes from the
+        file); any other shape would allocate memory the file does not hold."""
+        path = self.path
+
+        def guarded(cls, shape, dtype):
+            if tuple(shape) != (0,):
+                raise SlimkitError(f"{path}: a pickled array asks for shape {tuple(shape)} before any data: refused")
+            return reconstruct(cls, shape, dtype)
+
+        return guarded
+
+
+MAX_BATCH_BYTES = 256 << 20  # a CIFAR-10 batch is 31 MB; the meta file a few hundred bytes
 
 
 def _unpickle(path: str) -> dict:
+    if os.path.getsize(path) > MAX_BATCH_BYTES:
+        raise SlimkitError(f"{path}: {os.path.getsize(path):,} bytes is more than a CIFAR-10 batch holds")
     try:
         with open(path, "rb") as f:
             obj = _NumpyOnlyUnpickler(f, path).load()

@@ -33,6 +33,23 @@ def method_names(method: str) -> list[str]:
     return names
 
 
+def check_method_options(method: str, options: dict) -> str | None:
+    """Why ``options`` do not fit the methods in ``method`` (unknown name, a number where a number belongs), or None."""
+    names = method_names(method)
+    known = method_option_names(method)
+    for key, value in options.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), 1)
+            return f"{method} takes no option {key!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                                         else f" (known: {', '.join(sorted(known))})")
+        defaults = [METHODS.get(n).defaults.get(key) for n in names if key in METHODS.get(n).defaults]
+        numeric = [d for d in defaults if isinstance(d, (int, float)) and not isinstance(d, bool)]
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+                        or value in (float("inf"), float("-inf"))):
+            return f"option {key} must be a finite number, got {value!r}"
+    return None
+
+
 def method_option_names(method: str) -> set[str]:
     """The options the methods in ``method`` take (their registry entries' ``defaults``, and ``ce_weight``)."""
     return set().union(*(METHODS.get(n).defaults for n in method_names(method)), {"ce_weight"})
@@ -78,13 +95,9 @@ class DistillConfig(MethodConfig):
         names = method_names(self.distill)
         if "one" in names and names != ["one"]:
             raise self.error("distill", "'one' is its own teacher and does not combine with other methods")
-        known = method_option_names(self.distill)
-        for key in self.options:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), 1)
-                raise self.error("options", f"{self.distill} takes no option {key!r}"
-                                 + (f" (did you mean {close[0]!r}?)" if close
-                                    else f" (known: {', '.join(sorted(known))})"))
+        problem = check_method_options(self.distill, self.options)
+        if problem:
+            raise self.error("options", problem)
         if self.teacher_weights and not self.teacher:
             raise self.error("teacher_weights", "needs {teacher}")
 
@@ -94,4 +107,5 @@ class DistillConfig(MethodConfig):
 
     @classmethod
     def extra_names(cls, own) -> set[str]:
-        return method_option_names(own.get("distill", "kd"))
+        method = own.get("distill", "kd")
+        return method_option_names(method) if isinstance(method, str) else set()

@@ -148,9 +148,13 @@ def _from_file(spec: str, num_classes: int | None, **kwargs) -> nn.Module:
     path, _, fn_name = spec.rpartition(":")
     if not os.path.isfile(path):
         raise SlimkitError(f"model file not found: {path}")
-    fn = getattr(_import_file(path), fn_name, None)
-    if not callable(fn):
-        raise SlimkitError(f"{path} has no function {fn_name!r}")
+    module = _import_file(path)
+    fn = getattr(module, fn_name, None)
+    # a builder is a function or class defined in that file: not one it imported (os.makedirs), not a private one
+    own = (inspect.isfunction(fn) or inspect.isclass(fn)) and getattr(fn, "__module__", None) == module.__name__
+    if fn is None or not own or fn_name.startswith("_"):
+        raise SlimkitError(f"{path} defines no public builder function {fn_name!r}"
+                           + (" (it is imported there from elsewhere)" if fn is not None and not own else ""))
     params = inspect.signature(fn).parameters
     if num_classes is not None:
         if "num_classes" not in params:
@@ -315,8 +319,14 @@ def build_base(base: Any, where: str, path: tuple = ("base",)) -> nn.Module:
                 raise SlimkitError(f"{where}: field {field_path(path + ('kwargs',))}: {spec} takes no argument "
                                    f"{', '.join(map(repr, unknown))} (it takes: "
                                    f"{', '.join(n for n in params if n != 'num_classes') or 'none'})")
+    from ..artifact import charge
+
+    def make() -> nn.Module:
+        return _from_file(spec, num_classes, **kwargs) if call is None else call(num_classes=num_classes, **kwargs)
+
     try:
-        model = _from_file(spec, num_classes, **kwargs) if call is None else call(num_classes=num_classes, **kwargs)
+        charge(f"field {field_path(path)} ({spec})", make)
+        model = make()
     except SlimkitError:
         raise
     except Exception as e:  # the builder refused these arguments: the file's fault, said in one line

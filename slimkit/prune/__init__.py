@@ -77,7 +77,8 @@ def prune_stage(model: nn.Module, ctx: Context, config: PruneConfig) -> nn.Modul
     # next run with a model of another shape
     result = prune(model, x, config, loader=ctx.data.loader("train", ctx.batch_size, seed=ctx.seed),
                    val_loader=held_out_loader(ctx.data, ctx.batch_size, ctx.seed) if config.sensitivity else None,
-                   inplace=True, seed=ctx.seed, device=ctx.device, checkpoint_dir=ctx.stage_dir("prune"))
+                   inplace=True, seed=ctx.seed, device=ctx.device, checkpoint_dir=ctx.stage_dir("prune"),
+                   progress=ctx.progress)
     result.model.slimkit_prune = {"kept": result.kept, **result.summary(),
                                   **({"sensitivity": result.sensitivity, "ratios": result.ratios}
                                      if result.sensitivity else {})}

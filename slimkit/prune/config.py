@@ -35,7 +35,8 @@ class SensitivityConfig(MethodConfig):
                                     low=0, high=1, flag="--max-drop")
     steps: tuple[float, ...] = option((0.25, 0.5, 0.75), "pruning ratios probed per group", low=0, high=1,
                                       high_inclusive=False)
-    batches: int = option(4, "held-out batches each probe is evaluated on", low=1)
+    batches: int | None = option(None, "held-out batches each probe is evaluated on (default: the pruning's "
+                                       "batches)", low=1)
 
 
 @dataclass(frozen=True)

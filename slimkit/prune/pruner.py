@@ -38,6 +38,7 @@ the other way).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -283,8 +284,9 @@ def make_config(config: PruneConfig | None, options: dict) -> PruneConfig:
         if options:
             raise SlimkitError(f"prune: give a PruneConfig or keyword options, not both ({', '.join(options)})")
         return config
-    fields = set(PruneConfig.field_names())
-    own = {k: v for k, v in options.items() if k in fields}
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    # None stood for "the default" in the older signature (ratios=None, protected=None)
+    own = {k: v for k, v in options.items() if k in fields and not (v is None and fields[k].default is not None)}
     extra = {k: v for k, v in options.items() if k not in fields}
     if extra:
         own["criterion_options"] = {**own.get("criterion_options", {}), **extra}
@@ -384,7 +386,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | N
           loader: Iterable | None = None, val_loader: Iterable | None = None,
           finetune: Callable[[nn.Module, int], None] | None = None, inplace: bool = False,
           latency_reference: nn.Module | None = None, seed: int = 0, device: str | torch.device = "cpu",
-          checkpoint_dir: str | None = None, **options) -> PruneResult:
+          checkpoint_dir: str | None = None, progress: bool = False, **options) -> PruneResult:
     """Structured channel pruning with a dependency graph (Li et al., ICLR 2017; Fang et al., CVPR 2023).
 
     Scores every channel class with ``config.criterion`` (:data:`CRITERIA`), removes the least
@@ -411,6 +413,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | N
             model; e.g. the unpruned one after depth pruning).
         seed, device: for the criteria and training.
         checkpoint_dir: where training in here checkpoints (resumable); none by default.
+        progress: show progress bars for that training.
 
     Returns:
         A :class:`PruneResult` (model, kept indices, counts before/after, warnings).
@@ -445,7 +448,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | N
         from .importance import sparsity_term
 
         name, term = sparsity_term(config.criterion, work, example_input, config.sparsity.strength)
-        fit(work, loader, seed=seed, device=device, progress=False, extra_losses={name: term},
+        fit(work, loader, seed=seed, device=device, progress=progress, extra_losses={name: term},
             checkpoint_dir=os.path.join(checkpoint_dir, "sparsity") if checkpoint_dir else None,
             **config.sparsity.fit_kwargs())
     scan = None
@@ -455,7 +458,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | N
         s = config.sensitivity
         ratios, scan = sensitivity_ratios(work, example_input, val_loader, criterion=config.criterion,
                                           target_macs=config.target_macs, max_drop=s.max_drop, steps=s.steps,
-                                          batches=s.batches, round_to=config.round_to, rounding=config.rounding,
+                                          batches=s.batches or config.batches, round_to=config.round_to,
+                                          rounding=config.rounding,
                                           untie_shortcuts=config.untie_shortcuts, device=device,
                                           **{k: v for k, v in criterion_kwargs.items() if k not in ("batches",
                                                                                                     "device")})
@@ -488,7 +492,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, config: PruneConfig | N
             elif config.step_finetune is not None:
                 from ..train import fit
 
-                fit(work, loader, seed=seed + i, device=device, progress=False,
+                fit(work, loader, seed=seed, device=device, progress=progress,
                     checkpoint_dir=os.path.join(checkpoint_dir, f"step{i}") if checkpoint_dir else None,
                     **config.step_finetune.fit_kwargs())
     rebuilt = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import MethodConfig, option
+from ..errors import SlimkitError
 from ..train.config import FitConfig
 from .observers import OBSERVERS
 
@@ -36,6 +37,14 @@ class QuantConfig(MethodConfig):
     qat_epochs: int = option(0, "quantization-aware training epochs on the train split after calibration "
                                 "(0 = PTQ only)", low=0)
     qat_lr: float = option(1e-3, "QAT learning rate", low=0, low_inclusive=False)
+
+    def validate(self) -> None:
+        from .observers import check_observer_kwargs
+
+        try:
+            check_observer_kwargs(OBSERVERS.get(self.observer), self.observer_kwargs, "observer_kwargs")
+        except SlimkitError as e:  # its message, under this config's name
+            raise self.error("observer_kwargs", str(e).split(": ", 1)[-1]) from None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 from ..artifact import _rebuild, describe, register_module
 from ..errors import SlimkitError
 from .config import QuantConfig
-from .observers import OBSERVERS
+from .observers import OBSERVERS, check_observer_kwargs
 
 _QUIET = (r".*torch\.ao\.quantization is deprecated.*", r".*quantized tensor creation functions.*",
           r".*reduce_range will be deprecated.*", r".*must run observer before calling calculate_qparams.*")
@@ -284,19 +284,40 @@ def _encode(key: str, value: Any, out: dict[str, torch.Tensor]) -> None:
         raise SlimkitError(f"cannot store quantized state entry {key!r} of type {type(value).__name__}")
 
 
+_MAX_TUPLE = 8  # packed parameters are (weight, bias) pairs: a longer "tuple" is a crafted file
+
+
+def _scalar_int(state: dict, key: str, low: int, high: int) -> int:
+    """An integer stored as a 0-d tensor, checked to lie in ``[low, high)`` (the values come from a file)."""
+    t = state.pop(key)
+    if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype.is_floating_point:
+        raise SlimkitError(f"quantized state {key}: expected one integer")
+    v = int(t)
+    if not low <= v < high:
+        raise SlimkitError(f"quantized state {key}: {v} is outside [{low}, {high})")
+    return v
+
+
 def _decode(key: str, state: dict) -> Any:
     if key + _SEP + "torchdtype" in state:
-        return _DTYPES[int(state.pop(key + _SEP + "torchdtype"))]
+        return _DTYPES[_scalar_int(state, key + _SEP + "torchdtype", 0, len(_DTYPES))]
     if key + _SEP + "len" in state:
-        n = int(state.pop(key + _SEP + "len"))
+        n = _scalar_int(state, key + _SEP + "len", 0, _MAX_TUPLE + 1)
         return tuple(_decode(f"{key}{_SEP}{i}", state) for i in range(n))
     if key + _SEP + "dtype" in state:
-        state.pop(key + _SEP + "dtype")  # implied: int8 values give qint8, uint8 quint8, int32 qint32
-        ints = state.pop(key)
+        _scalar_int(state, key + _SEP + "dtype", 0, len(_DTYPES))  # implied by the values' own dtype
+        ints = state.pop(key, None)
+        if not isinstance(ints, torch.Tensor) or ints.dtype not in (torch.int8, torch.uint8, torch.int32):
+            raise SlimkitError(f"quantized state {key}: expected int8, uint8 or int32 values")
         if key + _SEP + "axis" in state:
             scales, zps = state.pop(key + _SEP + "scales"), state.pop(key + _SEP + "zps")
-            return torch._make_per_channel_quantized_tensor(ints, scales, zps, int(state.pop(key + _SEP + "axis")))
+            axis = _scalar_int(state, key + _SEP + "axis", 0, max(ints.dim(), 1))
+            if scales.shape != (ints.shape[axis],) or zps.shape != (ints.shape[axis],):
+                raise SlimkitError(f"quantized state {key}: {ints.shape[axis]} channels, {tuple(scales.shape)} scales")
+            return torch._make_per_channel_quantized_tensor(ints, scales, zps, axis)
         scale, zp = float(state.pop(key + _SEP + "scale")), int(state.pop(key + _SEP + "zp"))
+        if not (scale > 0 and scale < float("inf")):
+            raise SlimkitError(f"quantized state {key}: scale {scale} is not a positive number")
         return torch._make_per_tensor_quantized_tensor(ints, scale, zp)
     return state.pop(key, None)  # an encoded tuple element that was None
 
@@ -340,6 +361,7 @@ def _config(module: "QuantizedModel") -> dict:
     return module.config
 
 
+MAX_CALIBRATION_INPUT = 1 << 22  # C*H*W of the example that rebuilds an int8 model (3x1024x1024 fits)
 def _check_recipe(recipe: Any, where: str) -> dict:
     from ..documents import expect, expect_keys
 
@@ -348,12 +370,13 @@ def _check_recipe(recipe: Any, where: str) -> dict:
                                                                      "observer_kwargs", "keep_float"})
     shape = recipe["input_shape"]
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(isinstance(v, int) and v >= 1 for v in shape)
-            or int(torch.tensor(shape, dtype=torch.float64).prod()) > 1 << 28):
-        raise SlimkitError(f"{where}: field recipe.input_shape: expected a list of 1-4 positive integers of "
-                           "moderate size")
-    OBSERVERS.get(expect(recipe["observer"], str, where, ("recipe", "observer")))
+            or int(torch.tensor(shape, dtype=torch.float64).prod()) > MAX_CALIBRATION_INPUT):
+        raise SlimkitError(f"{where}: field recipe.input_shape: expected a list of 1-4 positive integers of at most "
+                           f"{MAX_CALIBRATION_INPUT:,} values (one input is run through the model to rebuild it)")
+    observer = OBSERVERS.get(expect(recipe["observer"], str, where, ("recipe", "observer")))
     expect(recipe["reduce_range"], bool, where, ("recipe", "reduce_range"))
-    expect(recipe["observer_kwargs"], dict, where, ("recipe", "observer_kwargs"))
+    check_observer_kwargs(observer, expect(recipe["observer_kwargs"], dict, where, ("recipe", "observer_kwargs")),
+                          f"{where}: field recipe.observer_kwargs")
     for i, name in enumerate(expect(recipe["keep_float"], list, where, ("recipe", "keep_float"))):
         expect(name, str, where, ("recipe", "keep_float", i))
     return recipe

@@ -21,6 +21,7 @@ outputs, most of a CNN) and ``[-T, T]`` otherwise, then intersected with the obs
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import abstractmethod
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch.ao.quantization.observer import MinMaxObserver, MovingAverageMinMaxObserver
 
+from ..errors import SlimkitError
 from ..registry import Registry
 
 OBSERVERS: Registry[type] = Registry("observer")  # each class carries its facts: ``paper``
@@ -209,3 +211,23 @@ class MSE(HistogramClip):
 def observer_class(name: str) -> type:
     """The observer class registered as ``name`` (``minmax``, ``ema``, ``percentile``, ``entropy``, ``mse``)."""
     return OBSERVERS.get(name)
+
+
+_OBSERVER_LIMITS = {"bins": 1 << 16, "candidates": 1 << 16, "max_candidates": 1 << 16}
+
+
+def check_observer_kwargs(observer: type, kwargs: dict, where: str) -> dict:
+    """The observer's own options: names it takes, finite numbers, histogram sizes of at most 65,536 bins."""
+    named = set()
+    for cls in observer.__mro__:
+        if "__init__" in vars(cls):
+            named |= {n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    for k, v in kwargs.items():
+        if k not in named:
+            raise SlimkitError(f"{where}: {observer.__name__} takes no option {k!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SlimkitError(f"{where}: {k} must be a finite number, got {v!r}")
+        if k in _OBSERVER_LIMITS and not 1 <= v <= _OBSERVER_LIMITS[k]:
+            raise SlimkitError(f"{where}: {k} must be in [1, {_OBSERVER_LIMITS[k]:,}], got {v!r}")
+    return kwargs

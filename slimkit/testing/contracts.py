@@ -232,3 +232,38 @@ def check_observer(name: str) -> tuple[float, float]:
     agree = float((i.argmax(1) == f.argmax(1)).float().mean())
     assert err <= QUANT_TOLERANCE, f"{name}: int8 logits are {err:.3f} (relative L2) from float"
     return err, agree
+
+
+# -- decompositions --------------------------------------------------------------------------------------------
+
+def decomposition_names() -> list[str]:
+    from ..decompose import DECOMPOSITIONS
+
+    return DECOMPOSITIONS.names()
+
+
+def check_decomposition(name: str) -> None:
+    """At full rank the replacement reproduces its layer; its closed-form MACs and parameters are the profiler's."""
+    from ..decompose import DECOMPOSITIONS
+    from ..profile import profile
+
+    d = DECOMPOSITIONS.get(name)
+    g = torch.Generator().manual_seed(0)
+    layer = next(m for m in (nn.Linear(24, 16), nn.Conv2d(6, 10, 1, 2), nn.Conv2d(6, 10, 3, 2, 1))
+                 if d.check(m) is None).double().eval()
+    x = torch.randn(3, 24, generator=g) if isinstance(layer, nn.Linear) else torch.randn(3, 6, 9, 9, generator=g)
+    x = x.double()
+    rank = d.max_rank(layer)
+    if name == "cp":  # a kernel of known CP rank 3: ALS recovers it exactly
+        a, b, c, e = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (10, 6, 3, 3))
+        with torch.no_grad():
+            layer.weight.copy_(torch.einsum("or,cr,ir,jr->ocij", a, b, c, e))
+        rank = 3
+    new = d.build(layer, rank, x, {"iterations": 300, "seed": 0}).eval()
+    with torch.no_grad():
+        y, got = layer(x), new(x)
+    assert got.shape == y.shape and float((got - y).norm() / y.norm()) < 1e-4, f"{name}: full rank is not exact"
+    in_hw = (1, 1) if x.dim() == 2 else tuple(x.shape[2:])
+    out_hw = (1, 1) if x.dim() == 2 else tuple(y.shape[2:])
+    p = profile(new.float(), x[:1].float())
+    assert (p.macs, p.params) == d.cost(layer, rank, in_hw, out_hw), f"{name}: closed-form cost differs"

@@ -77,9 +77,12 @@ def check_input(model: nn.Module, x: torch.Tensor, num_classes: int | None = Non
     try:
         with torch.no_grad():
             out = model(x[:2])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise SlimkitError(f"the model cannot take input of shape {tuple(x.shape[1:])} from {what}: {first}") from e
+    except SlimkitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the forward is this input not fitting this model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SlimkitError(f"the model cannot take input of shape {tuple(x.shape[1:])} from {what}: "
+                           f"{type(e).__name__}: {first}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
