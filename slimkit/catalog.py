@@ -118,6 +118,21 @@ def export_section() -> str:
                       _table(["runtime", "runs", "installs with"], rts), ""])
 
 
+def search_section() -> str:
+    from .config import describe_fields
+    from .search import PROBLEMS, SAMPLERS, SearchConfig
+
+    samplers = [[f"`{n}`", "yes" if SAMPLERS.get(n).multi_objective else "no", SAMPLERS.get(n).paper]
+                for n in SAMPLERS.names()]
+    problems = [[f"`{n}`", _first_line(PROBLEMS.get(n).doc)] for n in PROBLEMS.names()]
+    return "\n".join(["## Policy search (`slimkit search`, `slimkit.search.SearchConfig`)", "",
+                      _first_line(SearchConfig.__doc__), "",
+                      _table(["sampler (`--sampler`)", "Pareto front", "paper"], samplers), "",
+                      _table(["problem", "what a trial evaluates"], problems), "",
+                      _table(["option", "type", "default", "meaning"],
+                             [list(r) for r in describe_fields(SearchConfig)]), ""])
+
+
 def models_section() -> str:
     from .models import MODELS
     from .models.registry import PREFIXES
@@ -144,8 +159,8 @@ def catalog_markdown() -> str:
             "registries and the config classes; the test suite fails when it is stale. Each section is what a "
             "recipe key or a command-line flag accepts.\n")
     return "\n".join([head, stages_section(), criteria_section(), observers_section(), distill_section(),
-                      transforms_section(), decompositions_section(), export_section(), training_section(),
-                      models_section()]).rstrip() + "\n"
+                      transforms_section(), decompositions_section(), export_section(), search_section(),
+                      training_section(), models_section()]).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

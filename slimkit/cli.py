@@ -242,6 +242,8 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
                   "low-rank decomposition of conv and linear layers (SVD, CP, Tucker-2, separable, asymmetric)"),
     "export": ("slimkit.export.cli", "add_export_args", "cli_export",
                "export to ONNX, OpenVINO IR or TorchScript, verified in the runtime that deploys it"),
+    "search": ("slimkit.search.cli", "add_search_args", "cli_search",
+               "search per-layer pruning ratios and blocks under a latency budget measured on the target runtime"),
 }
 
 

@@ -116,6 +116,23 @@ def parse_json(text: str, where: str, limits: Limits = DEFAULT) -> Any:
     return doc
 
 
+def read_json_file(path: str, what: str, max_bytes: int = 64 << 20, limits: Limits = DEFAULT) -> Any:
+    """The JSON document in ``path`` (a ``what``), size-checked before it is read; any problem is one line."""
+    import os
+
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise SlimkitError(f"{path}: a {what} of {size:,} bytes (at most {max_bytes:,})")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SlimkitError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise SlimkitError(f"{path}: the {what} is not UTF-8 text") from None
+    return parse_json(text, path, limits)
+
+
 def expect(value: Any, types: type | tuple[type, ...], where: str, path: tuple, what: str | None = None) -> Any:
     """``value`` if it has one of ``types`` (a ``bool`` is no ``int``), else a SlimkitError naming the field."""
     types = types if isinstance(types, tuple) else (types,)

@@ -70,6 +70,15 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of a running ``torch.distributed`` job, (0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def check_input(model: nn.Module, x: torch.Tensor, num_classes: int | None = None, what: str = "data") -> None:
     """Run one forward pass and turn a shape error into a one-line :class:`SlimkitError`."""
     was_training = model.training
@@ -144,6 +153,12 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
     when ``resume`` is set, a run finds it and continues at the next epoch with identical model,
     optimizer, schedule and RNG state. ``train`` is a :class:`slimkit.data.Loader` (anything with
     ``set_epoch`` is reseeded per epoch) or any iterable of ``(inputs, targets)``.
+
+    Data-parallel: started by ``torchrun`` (``torch.distributed`` initialised, gloo on CPU), every
+    process reads the same batches (a seeded loader gives each the same order) and trains on its
+    share ``x[rank::world]`` with gradients averaged by ``DistributedDataParallel``, so each step
+    follows the same global batch as one process would (exactly, for a model without batch norm:
+    its statistics are per process); only rank 0 prints and writes checkpoints.
     """
     if epochs < 0:
         raise SlimkitError(f"epochs must be >= 0, got {epochs}")
@@ -153,6 +168,13 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
         raise SlimkitError("training data is empty")
     seed_everything(seed)
     model.to(device)
+    rank, world = _distributed()
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+        progress = progress and rank == 0
     opt = build_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr=lr,
                           weight_decay=weight_decay, momentum=momentum)
     sched = build_schedule(schedule, opt, max(1, epochs * steps_per_epoch), int(warmup_epochs * steps_per_epoch))
@@ -183,8 +205,10 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
         n = 0
         bar = _progress(train, steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         for step, (x, y) in enumerate(bar):
+            if world > 1:
+                x, y = x[rank::world], y[rank::world]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
             total = loss
             if extra_losses:
@@ -205,6 +229,13 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
             if progress and step % 10 == 0 and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{sums['loss'].item() / n:.3f}", acc=f"{sums['correct'].item() / n:.3f}")
         seconds = time.perf_counter() - t0
+        if world > 1:  # the epoch's log covers every process's share
+            import torch.distributed as dist
+
+            totals = torch.stack([*sums.values(), torch.tensor(float(n))])
+            dist.all_reduce(totals)
+            sums = dict(zip(sums, totals[:-1]))
+            n = int(totals[-1].item())
         record = {"epoch": epoch + 1, "loss": sums["loss"].item() / n, "top1": sums["correct"].item() / n,
                   "lr": opt.param_groups[0]["lr"], "seconds": seconds, "images_per_s": n / seconds}
         record.update({k: sums[k].item() / n for k in extra_losses})
@@ -214,7 +245,7 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
         if progress:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
             print(f"epoch {epoch + 1}/{epochs}: {shown}", flush=True)
-        if ckpt_path:
+        if ckpt_path and rank == 0:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
                      "epoch": epoch + 1, "log": result.epochs, "torch_rng": torch.get_rng_state()}
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
