@@ -140,17 +140,29 @@ def declared_values(build: Callable[[], nn.Module]) -> int | None:
         return None
 
 
-def charge(what: str, build: Callable[[], nn.Module]) -> None:
-    """While loading a file, refuse a build that would allocate more values than the file justifies."""
+def charge(what: str, build: Callable[[], nn.Module], *, base: bool = False) -> None:
+    """While loading a file, refuse a build that would allocate more values than the file justifies.
+
+    The base model and the modules rebuilt from the header draw on separate allowances: a pruned
+    file is many times smaller than its base model, while its replacement modules are about its size.
+    """
     budget = _BUDGET.get()
     if budget is None:
         return
     n = declared_values(build)
     if n is None:
         return
-    budget[0] -= n
-    if budget[0] < 0:
-        raise SlimkitError(f"{what} declares {n:,} values, more than the file's tensors justify ({budget[1]:,})")
+    left = budget["base" if base else "modules"]
+    left[0] -= n
+    if left[0] < 0:
+        raise SlimkitError(f"{what} declares {n:,} values, more than the file's tensors justify ({left[1]:,})")
+
+
+def _refund(module: nn.Module) -> None:
+    """Give back the allowance of a module that a charged build made and the header then replaced."""
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget["modules"][0] += sum(t.numel() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
 
 
 def describe(module: nn.Module) -> dict:
@@ -178,13 +190,20 @@ def _same_type_name(a: str, b: str) -> bool:
     return a == b or canonical(a) == canonical(b)
 
 
-def _rebuild(existing: nn.Module | None, node: dict, path: str) -> nn.Module:
+def _rebuild(existing: nn.Module | None, node: dict, path: str, charged: bool = False) -> nn.Module:
+    """The module ``node`` describes, reusing ``existing`` where it already is that module.
+
+    ``charged``: ``existing`` was made by a build charged to the allowance (a rebuilt parent), so
+    replacing it gives its values back instead of counting them twice.
+    """
     same_type = existing is not None and _same_type_name(_type_name(type(existing)), node["type"])
     if same_type and "config" in node:
         same_type = describe_config(existing) == node["config"]
+    built = False
     if same_type:
         module = existing
     else:
+        built = True
         ser = _serializer(node["type"])
         if ser is None or "config" not in node:
             where = path or "<root>"
@@ -206,8 +225,10 @@ def _rebuild(existing: nn.Module | None, node: dict, path: str) -> nn.Module:
         del module._modules[name]
     for name, child_node in wanted.items():
         child = module._modules.get(name)
-        new = _rebuild(child, child_node, f"{path}.{name}" if path else name)
+        new = _rebuild(child, child_node, f"{path}.{name}" if path else name, charged or built)
         if new is not child:
+            if child is not None and (charged or built):
+                _refund(child)
             module._modules[name] = new
     return module
 
@@ -486,10 +507,12 @@ def _load(path: str) -> nn.Module:
     from .models.registry import build_base
 
     header = read_header(path)
-    # every module built from the header is first counted on the meta device: together they may not
-    # declare more than twice the file's values (base model plus replacements) and a little slack
-    justified = 2 * _file_values(path) + 1_000_000
-    token = _BUDGET.set([justified, justified])
+    # every module built from the header is first counted on the meta device. The modules rebuilt from
+    # the header may not declare more than twice the file's values and a little slack; the base model,
+    # which pruning shrinks many times over, may be 64 times the file and a few million values
+    values = _file_values(path)
+    modules, base_values = 2 * values + 1_000_000, 64 * values + 4_000_000
+    token = _BUDGET.set({"modules": [modules, modules], "base": [base_values, base_values]})
     try:
         base = header.get("base")
         built = build_base(base, path) if base else None

@@ -68,7 +68,7 @@ def test_user_file_spec(tmp_path):
         create_model(f"{f}:no_classes", num_classes=3)
     with pytest.raises(SlimkitError, match="not a torch.nn.Module"):
         create_model(f"{f}:not_a_model")
-    with pytest.raises(SlimkitError, match="has no function 'missing'"):
+    with pytest.raises(SlimkitError, match="defines no public builder function 'missing'"):
         create_model(f"{f}:missing")
     with pytest.raises(SlimkitError, match="model file not found"):
         create_model(f"{tmp_path}/nope.py:build")

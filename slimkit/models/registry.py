@@ -325,7 +325,7 @@ def build_base(base: Any, where: str, path: tuple = ("base",)) -> nn.Module:
         return _from_file(spec, num_classes, **kwargs) if call is None else call(num_classes=num_classes, **kwargs)
 
     try:
-        charge(f"field {field_path(path)} ({spec})", make)
+        charge(f"field {field_path(path)} ({spec})", make, base=True)
         model = make()
     except SlimkitError:
         raise

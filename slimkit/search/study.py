@@ -96,6 +96,46 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
                            f"{_first_line(e)})") from None
 
 
+def fail_dead_trials(study, grace_s: int = GRACE_S, silent_s: float | None = None) -> None:
+    """Fail (and so retry) the running trials of workers that died, including those that died too early to beat.
+
+    Optuna's ``fail_stale_trials`` only sees trials with a heartbeat. A worker killed between creating
+    its trial and the first beat (the sampler runs in between: TPE on many trials takes a while) leaves
+    a running trial no one would ever fail, and the study would wait for it forever. Such a trial,
+    older than ``silent_s`` (default five grace periods, at least 30 s), is failed here and handed to
+    the same retry callback.
+    """
+    import copy
+    from datetime import datetime, timedelta
+
+    import optuna
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)
+    if not hasattr(rdb, "scoped_session"):
+        return
+    oldest = datetime.now() - timedelta(seconds=max(30, 5 * grace_s) if silent_s is None else silent_s)
+    silent = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+              if t.datetime_start is not None and t.datetime_start < oldest]
+    if not silent:
+        return
+    with rdb.scoped_session() as session:
+        beating = {row.trial_id for row in session.query(models.TrialHeartbeatModel.trial_id)
+                   .filter(models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in silent]))}
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for t in silent:
+        if t._trial_id in beating:
+            continue
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL) and retry is not None:
+                retry(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+
+
 def quiet_optuna() -> None:
     """Hide Optuna's notes on experimental and deprecated arguments (heartbeats are both): they are ours to
     track, not the user's to read on every run."""

@@ -21,7 +21,7 @@ import time
 
 from ..errors import SlimkitError
 from .problems import PROBLEMS
-from .study import GRACE_S, HEARTBEAT_S, SAMPLERS, open_study
+from .study import GRACE_S, HEARTBEAT_S, SAMPLERS, fail_dead_trials, open_study
 
 MAX_FAILURES = 5  # consecutive trials failing with an error: the problem is broken, not the trial
 JOB_KEYS = {"problem", "study", "storage", "fingerprint", "sampler", "seed", "trials"}
@@ -83,7 +83,7 @@ def run(job: dict, *, index: int = 0, problem=None, log=None) -> int:
             raise
 
     try:
-        return _loop(study, problem, objective, last_error, target, deadline, heartbeat, index, log)
+        return _loop(study, problem, objective, last_error, target, deadline, heartbeat, grace, index, log)
     finally:
         table = getattr(problem, "table", None)
         if own and table is not None and table.added and job.get("latency_table"):
@@ -97,8 +97,7 @@ def run(job: dict, *, index: int = 0, problem=None, log=None) -> int:
                               json.dumps({"layers": table.added}))
 
 
-def _loop(study, problem, objective, last_error, target, deadline, heartbeat, index, log) -> int:
-    import optuna
+def _loop(study, problem, objective, last_error, target, deadline, heartbeat, grace, index, log) -> int:
 
     ran = failures = 0
     while deadline is None or time.time() < deadline:
@@ -106,7 +105,7 @@ def _loop(study, problem, objective, last_error, target, deadline, heartbeat, in
         if finished >= target:
             break
         if finished + running >= target:
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trial comes back as a waiting retry
+            fail_dead_trials(study, grace)  # a dead worker's trial comes back as a waiting retry
             time.sleep(min(1.0, heartbeat))
             continue
         last_error.clear()
