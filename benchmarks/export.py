@@ -111,7 +111,10 @@ def build_family(name: str, data, calib, out: str, args) -> dict:
     obs_pruned, q_pruned = pick_observer(pruned, data, calib)
     fam["observers"] = {"int8": obs_base, "pruned+int8": obs_pruned}
     fam["models"] = {"float": base, "pruned": pruned, "int8": q_base, "pruned+int8": q_pruned}
+    stages = [f"{r.get('stage')}" + (f" {r['params']['epochs']} epochs" if "epochs" in (r.get("params") or {}) else "")
+              for r in getattr(pruned, "slimkit_history", [])]
     fam["pruned_source"] = os.path.relpath(pruned_path, ROOT)
+    fam["pruned_history"] = ", ".join(stages) or "no history"
     test = data.loader("test", 500)
     fam["test_n"] = len(data.test)
     for v, m in fam["models"].items():
@@ -255,10 +258,11 @@ def _acc(fam: dict, variant: str, runtime: str) -> str:
 
 
 def report(families, rows, peaks, args, seconds) -> str:
-    body = (f"Models: the adapted baselines, the best pruned rows of docs/prune.md (20-epoch KD fine-tune; files named "
-            f"below), and their FX static int8 versions ({args.calib} class-balanced train images, observer chosen on "
-            f"the validation split among minmax/ema/entropy). Every model exported with `slimkit.export` (ONNX opset "
-            f"17, dynamic batch; int8 as QDQ with the model's own scales) and verified in ONNX Runtime, OpenVINO and "
+    body = (f"Models: the adapted baselines, a pruned model of each (named below with its fine-tune: by default "
+            f"the best pruned rows of docs/prune.md, `--pruned` names others), and their FX static int8 versions "
+            f"({args.calib} class-balanced train images, observer chosen on the validation split among "
+            f"minmax/ema/entropy). Every model exported with `slimkit.export` (ONNX opset 17, dynamic batch; int8 "
+            f"as QDQ with the model's own scales) and verified in ONNX Runtime, OpenVINO and "
             f"TorchScript on random inputs and 4 test batches. Latency: median per-call time over interleaved rounds "
             f"(each round times float PyTorch eager and every model of one runtime, in random order; at least "
             f"{args.repeats} rounds and {args.min_time:g} s); speed-ups are medians of per-round ratios. "
@@ -267,7 +271,8 @@ def report(families, rows, peaks, args, seconds) -> str:
             f"Whole run: {seconds / 60:.0f} min.\n\n")
     for fam in families:
         name = fam["name"]
-        body += f"### {name}\n\nPruned model: `{fam['pruned_source']}`. Observers: {fam['observers']}.\n\n"
+        body += (f"### {name}\n\nPruned model: `{fam['pruned_source']}` ({fam['pruned_history']}). "
+                 f"Observers: {fam['observers']}.\n\n")
         acc_rows = []
         for v in list(VARIANTS) + [k for k in fam["acc"] if "(" in k]:
             macs = fam.get("macs", {}).get(v.split(" (")[0])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,15 +86,25 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}
-    try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        quiet_optuna()
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
-    except Exception as e:  # noqa: BLE001 - the database is the user's: say where it is, not the stack
-        where = _where(url)
-        raise SlimkitError(f"search: cannot open the study storage {where} ({type(e).__name__}: "
-                           f"{_first_line(e)})") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        except Exception as e:  # noqa: BLE001 - the database is the user's: say where it is, not the stack
+            if attempt < 4 and _lost_schema_race(e):
+                # workers started together on an empty database all create Optuna's tables; the ones
+                # that lose that race find them made and simply connect again
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise SlimkitError(f"search: cannot open the study storage {_where(url)} ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
+
+
+def _lost_schema_race(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "already exists" in text or "duplicate" in text or type(e).__name__ == "IntegrityError"
 
 
 def fail_dead_trials(study, grace_s: int = GRACE_S, silent_s: float | None = None) -> None:
