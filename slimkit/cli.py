@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from .cli_args import add_data_arguments, add_model_arguments
 from .errors import SlimkitError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
@@ -282,16 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "Python file; repeatable. Without it nothing a file names runs (README: trust model)")
         return sp
 
-    def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
-        sp.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
-        sp.add_argument("--num-classes", type=int)
+    model_args = add_model_arguments
 
     def data_args(sp: argparse.ArgumentParser, required: bool = True) -> None:
-        sp.add_argument("--data", required=required, help="digits, cifar10:PATH or imagefolder:PATH")
-        sp.add_argument("--limit", type=int, help="class-balanced subset of N per split")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--batch-size", type=int, default=128)
+        add_data_arguments(sp, required=required)
 
     sp = add("demo", "train a small CNN on embedded digits and compress it", loads_models=False)
     sp.add_argument("--out", default="runs/demo")

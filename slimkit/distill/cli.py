@@ -10,6 +10,7 @@ import json
 import os
 
 from ..cli import logger
+from ..cli_args import add_data_arguments
 from ..errors import SlimkitError
 
 
@@ -34,10 +35,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--student-weights", help="weights to start the student from")
     for cls, how in command_configs().values():
         cls.add_arguments(parser, **how)
-    parser.add_argument("--data", required=True, help="digits, cifar10:PATH or imagefolder:PATH")
-    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_data_arguments(parser, required=True)
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import logger
+from ..cli_args import add_data_arguments, add_model_arguments
 
 
 def command_configs() -> dict[str, tuple[type, dict]]:
@@ -22,16 +23,13 @@ SKIP = ("require_int8", "threads")  # --allow-float and the command's own --thre
 
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of ``slimkit export MODEL --format onnx|openvino|torchscript --out PATH [--data D]``."""
-    parser.add_argument("model", help="an artifact (or any model spec: registered name, torchvision:NAME, file.py:fn)")
-    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
-    parser.add_argument("--num-classes", type=int)
+    add_model_arguments(parser, "an artifact (or any model spec: registered name, torchvision:NAME, file.py:fn)")
     for cls, how in command_configs().values():
         cls.add_arguments(parser, **how)
     parser.add_argument("--allow-float", action="store_true",
                         help="export an int8 model even when the runtime runs some conv/linear in float (reported)")
-    parser.add_argument("--data", help="also verify on test batches of this dataset (digits, cifar10:PATH, ...)")
-    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
-    parser.add_argument("--seed", type=int, default=0)
+    add_data_arguments(parser, "also verify on test batches of this dataset (digits, cifar10:PATH, ...)",
+                       batch_size=None)
     parser.add_argument("--input-size", help="C,H,W (default: the model's own)")
     parser.add_argument("--out", required=True, help="the file to write (.onnx, .xml, .pt); PATH.json beside it")
     return parser

@@ -10,6 +10,7 @@ import os
 import time
 
 from ..cli import logger
+from ..cli_args import DATA_HELP, add_data_arguments, add_model_arguments
 from ..errors import SlimkitError
 
 CHANNEL_FLAGS = ("target_macs", "target_params", "target_latency", "ratio", "sensitivity")
@@ -43,16 +44,10 @@ def add_prune_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     :class:`~slimkit.pipeline.FinetuneConfig` (``--finetune-epochs``, ``--lr``, ``--distill``,
     ``--teacher``): each flag's help is its field's help.
     """
-    parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
-    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
-    parser.add_argument("--num-classes", type=int)
+    add_model_arguments(parser)
     for cls, how in command_configs().values():
         cls.add_arguments(parser, **how)
-    parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (accuracy, data-driven criteria, "
-                                       "fine-tuning)")
-    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_data_arguments(parser, DATA_HELP + " (accuracy, data-driven criteria, fine-tuning)")
     parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's)")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency comparison")

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 from ..cli import logger
+from ..cli_args import add_data_arguments, add_model_arguments
 from ..errors import SlimkitError
 
 
@@ -30,13 +31,8 @@ def add_quantize_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     The method flags come from :class:`~slimkit.quant.config.QuantConfig` (and ``--train8-epochs``
     from :class:`~slimkit.quant.config.Train8Config`).
     """
-    parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
-    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--data", required=True, help="digits, cifar10:PATH or imagefolder:PATH")
-    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_model_arguments(parser)
+    add_data_arguments(parser, required=True)
     for cls, how in command_configs().values():
         cls.add_arguments(parser, **how)
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")

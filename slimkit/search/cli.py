@@ -16,6 +16,7 @@ import argparse
 import os
 
 from ..cli import logger
+from ..cli_args import DATA_HELP, MODEL_HELP, add_data_arguments, add_model_arguments
 from ..errors import SlimkitError
 
 
@@ -28,14 +29,10 @@ def command_configs() -> dict[str, tuple[type, dict]]:
 
 def add_search_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the arguments of ``slimkit search MODEL --data D --target-latency F --runtime NAME --out DIR ...``."""
-    parser.add_argument("model", nargs="?", help="registered name, torchvision:NAME, file.py:fn or an artifact path "
-                                                 "(not with --resume or --worker)")
-    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
-    parser.add_argument("--num-classes", type=int)
+    add_model_arguments(parser, MODEL_HELP + " (not with --resume or --worker)", nargs="?")
     for cls, how in command_configs().values():
         cls.add_arguments(parser, **how)
-    parser.add_argument("--data", help="digits, cifar10:PATH or imagefolder:PATH (required for a new search)")
-    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
+    add_data_arguments(parser, DATA_HELP + " (required for a new search)", seed=False, batch_size=None)
     parser.add_argument("--out", help="output folder: study.db, search.json, latency-table.json, results.json/.md, "
                                       "pareto.png, model.safetensors (and the exported model)")
     parser.add_argument("--resume", action="store_true", help="continue the study in --out with its own job")

@@ -10,6 +10,7 @@ import json
 import os
 
 from ..cli import logger
+from ..cli_args import add_data_arguments, add_model_arguments
 
 
 def command_configs() -> dict[str, tuple[type, dict]]:
@@ -25,15 +26,10 @@ def add_transform_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     The flags come from :class:`~slimkit.transform.config.TransformConfig`; transform options are
     ``--opt KEY=VALUE`` (repeatable; values parsed as JSON, else kept as text), e.g. ``--opt groups=4``.
     """
-    parser.add_argument("model", help="registered name, torchvision:NAME, file.py:fn or an artifact path")
-    parser.add_argument("--weights", help="state_dict / checkpoint / safetensors file to load")
-    parser.add_argument("--num-classes", type=int)
+    add_model_arguments(parser)
     for cls, how in command_configs().values():
         cls.add_arguments(parser, **how)
-    parser.add_argument("--data", help="dataset spec for activation sampling (without: weight-only init)")
-    parser.add_argument("--limit", type=int, help="class-balanced subset of N per split")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    add_data_arguments(parser, "dataset spec for activation sampling (without: weight-only init)", batch_size=64)
     parser.add_argument("--input-size", help="C,H,W when there is no --data (default: the model's own)")
     parser.add_argument("--out", required=True, help="output folder (model.safetensors, report.json)")
     return parser
