@@ -161,6 +161,30 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_retried(tmp_pat
     assert study.get_trials()[1].params == {"x": trial.params["x"]}
 
 
+def test_finalists_are_distinct_and_later_rounds_correct_for_the_tables_bias():
+    from slimkit.search.results import choose
+
+    def row(trial, name, proxy, predicted):
+        return {"trial": trial, "policy": {"p": name}, "proxy": proxy, "latency_ratio": predicted,
+                "feasible": True, "evaluated": True}
+
+    # TPE proposed A three times; the table predicts 10% too fast on this "machine"
+    # and A2 differs from A only inside a removed block: the same model
+    rows = [row(0, "A", 0.9, 0.49), row(1, "A", 0.9, 0.49), row(2, "A2", 0.9, 0.49), row(3, "B", 0.8, 0.48),
+            row(4, "E", 0.75, 0.47), row(5, "C", 0.7, 0.44), row(6, "D", 0.6, 0.40)]
+    measured = []
+
+    def measure(policy):
+        measured.append(policy["p"])
+        return {"A": 0.49, "A2": 0.49, "B": 0.48, "E": 0.47, "C": 0.44, "D": 0.40}[policy["p"]] * 1.1
+
+    chosen, checked = choose(rows, measure, 0.5, 2, lambda s: None)
+    # E (0.47 * 1.1 > 0.5) is skipped once the bias is known; a pass is measured twice
+    assert measured == ["A", "B", "C", "C", "D", "D"]
+    assert chosen["policy"] == {"p": "C"} and chosen["measured_ratio"] <= 0.5
+    assert [c["meets"] for c in checked] == [False, False, True, True]
+
+
 def test_storage_that_does_not_connect_names_host_and_port():
     with pytest.raises(SlimkitError, match=r"postgresql at host 127\.0\.0\.1, port 1 \("):
         open_storage("postgresql://someone@127.0.0.1:1/db")

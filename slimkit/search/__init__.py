@@ -106,7 +106,9 @@ def search(model: nn.Module, data_spec: str, config: SearchConfig, out_dir: str,
         atomic_write_text(job_path, json.dumps(job, indent=1))
     t0 = time.time()
     run_workers(job_path, job, config.workers, problem, log)
-    search_seconds = time.time() - t0
+    # a resumed study counts the time of every run (the cost per trial covers them all)
+    search_seconds = float(study.user_attrs.get("search_seconds", 0.0)) + time.time() - t0
+    study.set_user_attr("search_seconds", search_seconds)
     save_table(problem, os.path.join(out_dir, TABLE))
     results = finish(problem, study, job, model, out_dir, search_seconds=search_seconds, log=log)
     results["seconds_total"] = time.time() - t_start
