@@ -128,6 +128,9 @@ def part_finetune(args) -> None:
         starts = {r["warm_start"]: r for r in results["warm_starts"]}
         policies = [("searched", results["chosen"])] + [(k, starts[k]) for k in ("uniform", "sensitivity")
                                                           if k in starts]
+        if args.uniform_keep is not None:  # the equal-latency control alone: one keep ratio everywhere
+            policies = [(f"uniform {args.uniform_keep:g}", {"trial": "-", "proxy": float("nan"),
+                                                            "policy": problem.space.uniform(args.uniform_keep)})]
         for label, row in policies:
             torch.set_num_threads(args.train_threads)
             model = recalibrate_bn(problem.space.apply(row["policy"]), problem.calib)
@@ -158,6 +161,10 @@ def part_finetune(args) -> None:
                               "MACs", "top-1", "delta"], rows)
             + "\n\nPublished anchors (original CIFAR-10, long GPU fine-tunes, FLOPs-constrained unless noted):\n\n"
             + markdown_table(["method", "model", "budget", "top-1 delta"], ANCHORS))
+    if args.uniform_keep is not None:
+        record(f"search-{args.runtime}-bs{args.batch}-uniform{args.uniform_keep:g}", f"Policy search: uniform keep "
+               f"{args.uniform_keep:g} control ({args.runtime}, batch {args.batch})", body)
+        return
     record(f"search-{args.runtime}-bs{args.batch}", f"Policy search: searched vs uniform vs sensitivity "
            f"({args.runtime}, batch {args.batch})", body)
 
@@ -175,6 +182,8 @@ def main() -> None:
     p.add_argument("--throughput-time", dest="throughput_seconds", type=float, default=600)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--train-threads", type=int, default=2)
+    p.add_argument("--uniform-keep", type=float, help="finetune part: only a uniform policy at this keep ratio "
+                                                        "(the equal-measured-latency control)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "search-bench"))
     args = p.parse_args()
     torch.set_num_threads(1)
