@@ -178,6 +178,15 @@ class CompareResult:
         """Median per-pair latency ratio B/A for one mode and batch size."""
         return self.results[mode][batch_size]["ratio"]["median"]
 
+    def speedups(self, mode: str) -> dict[str, dict[str, float]]:
+        """``{"bs1": {"A_ms": ..., "B_ms": ..., "speedup": A/B}, ...}`` for one mode, named by the models."""
+        return {f"bs{bs}": {f"{self.model_a}_ms": r["a"]["median_ms"], f"{self.model_b}_ms": r["b"]["median_ms"],
+                            "speedup": 1 / r["ratio"]["median"]} for bs, r in self.results[mode].items()}
+
+    def speedup_text(self, mode: str) -> str:
+        """``speed-up bs1 x1.93, bs64 x2.01`` (the A/B ratio per batch size)."""
+        return "speed-up " + ", ".join(f"{k} x{v['speedup']:.2f}" for k, v in self.speedups(mode).items())
+
     def to_dict(self, include_samples: bool = False) -> dict[str, Any]:
         """JSON-ready dict (batch sizes become string keys); raw samples only when asked."""
         results = {}

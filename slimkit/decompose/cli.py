@@ -102,15 +102,13 @@ def cli_decompose(args: argparse.Namespace) -> dict:
 
         cmp = compare(model, out_model, size, batch_sizes=(1, 64), threads=getattr(args, "threads", None),
                       modes=("eager",), names=("original", "decomposed"), roofline=False)
-        out["latency"] = {f"bs{bs}": {"original_ms": cmp.results["eager"][bs]["a"]["median_ms"],
-                                      "decomposed_ms": cmp.results["eager"][bs]["b"]["median_ms"],
-                                      "speedup": 1 / cmp.ratio("eager", bs)} for bs in (1, 64)}
+        out["latency"] = cmp.speedups("eager")
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(out, indent=2, default=str))
     msg = (f"{method}: {len(result.layers)} layer(s) decomposed, {len(result.skipped)} left whole; MACs "
            f"{result.macs_before:,} -> {result.macs_after:,} ({result.macs_after / max(result.macs_before, 1):.3f}x)")
     if data:
         msg += f"; test top1 {before['top1']:.4f} -> {after['top1']:.4f}"
-    if "latency" in out:
-        msg += f"; speed-up bs1 x{out['latency']['bs1']['speedup']:.2f}, bs64 x{out['latency']['bs64']['speedup']:.2f}"
+    if not args.no_bench:
+        msg += f"; {cmp.speedup_text('eager')}"
     log(msg + f"; wrote {path}")
     return out

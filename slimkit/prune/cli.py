@@ -238,16 +238,14 @@ def cli_prune(args: argparse.Namespace) -> dict:
 
         cmp = compare(model, pruned, input_size, batch_sizes=(1, 64), threads=getattr(args, "threads", None),
                       modes=("eager",), names=("original", "pruned"), roofline=False)
-        out["latency"] = {f"bs{bs}": {"original_ms": cmp.results["eager"][bs]["a"]["median_ms"],
-                                      "pruned_ms": cmp.results["eager"][bs]["b"]["median_ms"],
-                                      "speedup": 1 / cmp.ratio("eager", bs)} for bs in (1, 64)}
+        out["latency"] = cmp.speedups("eager")
         out["bench_threads"] = cmp.threads
     atomic_write_text(os.path.join(args.out, "report.json"), json.dumps(out, indent=2, default=str))
     msg = (f"params {counts['params_before']:,} -> {counts['params_after']:,}; MACs {counts['macs_before']:,} -> "
            f"{counts['macs_after']:,} ({counts['macs_ratio']:.3f}x)")
     if data:
         msg += f"; test top1 {before['top1']:.4f} -> {after['top1']:.4f}"
-    if "latency" in out:
-        msg += f"; speed-up bs1 x{out['latency']['bs1']['speedup']:.2f}, bs64 x{out['latency']['bs64']['speedup']:.2f}"
+    if not args.no_bench:
+        msg += f"; {cmp.speedup_text('eager')}"
     log(msg + f"; wrote {path}")
     return out
