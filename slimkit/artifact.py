@@ -27,13 +27,13 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .allowance import allowance_for, charge, refund
 from .errors import SlimkitError
 from .registry import Registry
 
@@ -127,42 +127,6 @@ def _serializer(type_name: str) -> ModuleSerializer | None:
 TORCH_NN_FAMILIES = frozenset(f"torch.nn.modules.{m}" for m in (
     "module", "container", "conv", "linear", "batchnorm", "normalization", "instancenorm", "activation", "pooling",
     "dropout", "flatten", "padding", "pixelshuffle", "upsampling", "channelshuffle", "distance"))
-_BUDGET: ContextVar[list | None] = ContextVar("slimkit_load_budget", default=None)
-
-
-def declared_values(build: Callable[[], nn.Module]) -> int | None:
-    """How many tensor values ``build()`` would allocate, counted on the meta device (None: it cannot run there)."""
-    try:
-        with torch.device("meta"):
-            probe = build()
-        return sum(t.numel() for t in probe.state_dict().values() if isinstance(t, torch.Tensor))
-    except Exception:  # noqa: BLE001 - a builder that needs real tensors is built for real, unchecked
-        return None
-
-
-def charge(what: str, build: Callable[[], nn.Module], *, base: bool = False) -> None:
-    """While loading a file, refuse a build that would allocate more values than the file justifies.
-
-    The base model and the modules rebuilt from the header draw on separate allowances: a pruned
-    file is many times smaller than its base model, while its replacement modules are about its size.
-    """
-    budget = _BUDGET.get()
-    if budget is None:
-        return
-    n = declared_values(build)
-    if n is None:
-        return
-    left = budget["base" if base else "modules"]
-    left[0] -= n
-    if left[0] < 0:
-        raise SlimkitError(f"{what} declares {n:,} values, more than the file's tensors justify ({left[1]:,})")
-
-
-def _refund(module: nn.Module) -> None:
-    """Give back the allowance of a module that a charged build made and the header then replaced."""
-    budget = _BUDGET.get()
-    if budget is not None:
-        budget["modules"][0] += sum(t.numel() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
 
 
 def describe(module: nn.Module) -> dict:
@@ -193,7 +157,8 @@ def _same_type_name(a: str, b: str) -> bool:
 def _rebuild(existing: nn.Module | None, node: dict, path: str, charged: bool = False) -> nn.Module:
     """The module ``node`` describes, reusing ``existing`` where it already is that module.
 
-    ``charged``: ``existing`` was made by a build charged to the allowance (a rebuilt parent), so
+    ``charged``: ``existing`` was made by a build charged to the allowance (a rebuilt parent,
+    :mod:`slimkit.allowance`), so
     replacing it gives its values back instead of counting them twice.
     """
     same_type = existing is not None and _same_type_name(_type_name(type(existing)), node["type"])
@@ -228,7 +193,7 @@ def _rebuild(existing: nn.Module | None, node: dict, path: str, charged: bool = 
         new = _rebuild(child, child_node, f"{path}.{name}" if path else name, charged or built)
         if new is not child:
             if child is not None and (charged or built):
-                _refund(child)
+                refund(child)
             module._modules[name] = new
     return module
 
@@ -488,37 +453,16 @@ def load(path: str | os.PathLike, *, trust_code: str | os.PathLike | list[str] |
             raise SlimkitError(f"{path}: cannot load this artifact ({_first_line(e)})") from None
 
 
-def _file_values(path: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        total = 0
-        for k in f.keys():
-            n = 1
-            for d in f.get_slice(k).get_shape():
-                n *= d
-            total += n
-    return total
-
-
 def _load(path: str) -> nn.Module:
     from safetensors.torch import load_file
 
     from .models.registry import build_base
 
     header = read_header(path)
-    # every module built from the header is first counted on the meta device. The modules rebuilt from
-    # the header may not declare more than twice the file's values and a little slack; the base model,
-    # which pruning shrinks many times over, may be 64 times the file and a few million values
-    values = _file_values(path)
-    modules, base_values = 2 * values + 1_000_000, 64 * values + 4_000_000
-    token = _BUDGET.set({"modules": [modules, modules], "base": [base_values, base_values]})
-    try:
+    with allowance_for(path):  # every module the header asks for is counted before it is built
         base = header.get("base")
         built = build_base(base, path) if base else None
         model = _rebuild(built, header["modules"], "")
-    finally:
-        _BUDGET.reset(token)
     state = load_file(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]

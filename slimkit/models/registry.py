@@ -319,7 +319,7 @@ def build_base(base: Any, where: str, path: tuple = ("base",)) -> nn.Module:
                 raise SlimkitError(f"{where}: field {field_path(path + ('kwargs',))}: {spec} takes no argument "
                                    f"{', '.join(map(repr, unknown))} (it takes: "
                                    f"{', '.join(n for n in params if n != 'num_classes') or 'none'})")
-    from ..artifact import charge
+    from ..allowance import charge
 
     def make() -> nn.Module:
         return _from_file(spec, num_classes, **kwargs) if call is None else call(num_classes=num_classes, **kwargs)

@@ -269,12 +269,9 @@ def _maybe_int8(problem: PruningProblem, model: nn.Module, log: Callable[[str], 
 
 
 def _measure(model: nn.Module, final: nn.Module, problem: PruningProblem, c: SearchConfig) -> dict:
-    from ..bench import compare
+    from .evaluate import measure_against
 
-    r = compare(model, final, tuple(problem.example.shape[1:]), batch_sizes=c.batch_sizes, threads=c.threads,
-                modes=(c.runtime,), warmup=3, repeats=15, min_time_s=0.3, roofline=False)
-    if r.errors:
-        raise SlimkitError(f"search: cannot time the final model in {c.runtime}: {r.errors}")
+    r = measure_against(model, final, problem.example, c.runtime, c.batch_sizes, c.threads, what="the final model")
     return {str(b): {"original_ms": r.results[c.runtime][b]["a"]["median_ms"],
                      "final_ms": r.results[c.runtime][b]["b"]["median_ms"], "ratio": r.ratio(c.runtime, b)}
             for b in c.batch_sizes}

@@ -224,15 +224,22 @@ def _nonnegative_fit(x, y) -> tuple[float, float]:
     return best
 
 
-def measured_ratios(reference: nn.Module, candidate: nn.Module, example: torch.Tensor, runtime: str,
-                    batch_sizes: Sequence[int], threads: int, repeats: int = 15) -> dict[int, float]:
-    """Interleaved candidate / reference latency in ``runtime`` per batch size (:func:`slimkit.bench.compare`)."""
+def measure_against(reference: nn.Module, candidate: nn.Module, example: torch.Tensor, runtime: str,
+                    batch_sizes: Sequence[int], threads: int, repeats: int = 15, what: str = "the candidate"):
+    """The interleaved comparison of ``candidate`` with ``reference`` in ``runtime`` (a ``CompareResult``)."""
     from ..bench import compare
 
     r = compare(reference, candidate, tuple(example.shape[1:]), batch_sizes=tuple(batch_sizes), threads=threads,
                 modes=(runtime,), warmup=3, repeats=repeats, min_time_s=0.3, roofline=False)
     if r.errors:
-        raise SlimkitError(f"search: cannot time the candidate in {runtime}: {r.errors}")
+        raise SlimkitError(f"search: cannot time {what} in {runtime}: {r.errors}")
+    return r
+
+
+def measured_ratios(reference: nn.Module, candidate: nn.Module, example: torch.Tensor, runtime: str,
+                    batch_sizes: Sequence[int], threads: int, repeats: int = 15) -> dict[int, float]:
+    """Interleaved candidate / reference latency in ``runtime`` per batch size (:func:`slimkit.bench.compare`)."""
+    r = measure_against(reference, candidate, example, runtime, batch_sizes, threads, repeats)
     return {b: r.ratio(runtime, b) for b in batch_sizes}
 
 
