@@ -36,7 +36,7 @@ def setup() -> None:
         run([sys.executable, "-m", "venv", VENV])
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     run(pip + TORCH)
-    run(pip + ["-e", f"{ROOT}[test,export,search]"])
+    run(pip + ["-e", f"{ROOT}[test,export,search,timm]"])
     with open(stamp, "w") as f:
         f.write(want)
 

@@ -21,6 +21,7 @@ the file. A compression method that introduces its own module type registers it 
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
 import inspect
 import json
@@ -138,10 +139,54 @@ def describe(module: nn.Module) -> dict:
             node["config"] = ser.config(module)
         except TypeError:
             pass  # a subclass with its own arguments: rebuilt only from the base model
+    from .prune.trace import same_as_base
+
+    if same_as_base(module):  # timm's BatchNormAct2d & co: rebuilt from the base model, then resized
+        node["resized"] = {k: int(getattr(module, k)) for k in _SIZE_ATTRS if hasattr(module, k)}
     children = {name: describe(child) for name, child in module.named_children()}
     if children:
         node["children"] = children
     return node
+
+
+# the width attributes of the layers pruning resizes, and the tensors that follow them
+_SIZE_ATTRS = ("num_features", "in_features", "out_features", "in_channels", "out_channels", "groups")
+
+
+def _resize(module: nn.Module, resized: Any, path: str) -> None:
+    """Give a base-model layer the (pruned) widths ``resized``; the file's tensors then fill it.
+
+    Only shrinking is accepted (pruning never widens a layer), so a file cannot make the loader
+    allocate more than the base model already holds.
+    """
+    where = path or "<root>"
+    if not isinstance(resized, dict) or any(k not in _SIZE_ATTRS or not hasattr(module, k) for k in resized):
+        raise SlimkitError(f"module '{where}': field resized: expected widths among {list(_SIZE_ATTRS)}")
+    for k, v in resized.items():
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= getattr(module, k):
+            raise SlimkitError(f"module '{where}': field resized.{k}: {v!r} is not a width in "
+                               f"1..{getattr(module, k)}")
+    new = {k: resized.get(k, getattr(module, k)) for k in _SIZE_ATTRS if hasattr(module, k)}
+    if new.get("groups", 1) < 1 or any(new[k] % new.get("groups", 1) for k in ("in_channels", "out_channels")
+                                        if k in new):
+        raise SlimkitError(f"module '{where}': field resized: widths {new} are not divisible by groups")
+    if "num_features" in new:
+        shapes = {t: (new["num_features"],) for t in ("weight", "bias", "running_mean", "running_var")}
+    elif "in_features" in new:
+        shapes = {"weight": (new["out_features"], new["in_features"]), "bias": (new["out_features"],)}
+    else:
+        k = tuple(module.weight.shape[2:])
+        shapes = {"weight": (new["out_channels"], new["in_channels"] // new["groups"], *k),
+                  "bias": (new["out_channels"],)}
+    for name, shape in shapes.items():
+        for store in (module._parameters, module._buffers):
+            t = store.get(name)
+            if t is not None and tuple(t.shape) != shape:
+                fresh = torch.empty(shape, dtype=t.dtype)
+                store[name] = nn.Parameter(fresh, requires_grad=t.requires_grad) if isinstance(
+                    t, nn.Parameter) else fresh
+    for k, v in new.items():
+        setattr(module, k, v)
 
 
 def _same_type_name(a: str, b: str) -> bool:
@@ -185,6 +230,8 @@ def _rebuild(existing: nn.Module | None, node: dict, path: str, charged: bool = 
         if not isinstance(module, nn.Module):
             raise SlimkitError(f"cannot rebuild module '{path or '<root>'}': {node['type']} built a "
                                f"{type(module).__name__}")
+    if same_type and "resized" in node:
+        _resize(module, node["resized"], path)
     wanted = node.get("children", {})
     for name in [n for n in module._modules if n not in wanted]:
         del module._modules[name]
@@ -213,17 +260,29 @@ def artifact_file(path: str | os.PathLike) -> str:
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A full disk, a read-only or unwritable folder becomes one :class:`SlimkitError` naming the
+    path and the reason; the temporary file is removed, so nothing partial is left either way.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise SlimkitError(f"{path}: cannot write ({os.strerror(e.errno)}); nothing was written") from None
+        # writers in C++/Rust (torch.save, safetensors) report the OS error only in their message
+        known = [os.strerror(n) for n in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EFBIG)]
+        reason = next((k for k in known if k in str(e)), None)
+        if reason and isinstance(e, Exception):
+            raise SlimkitError(f"{path}: cannot write ({reason}); nothing was written") from None
         raise
 
 
@@ -297,7 +356,7 @@ def save(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) ->
 
 
 HEADER_KEYS = {"format", "version", "base", "modules", "history", "meta"}
-NODE_KEYS = {"type", "config", "children"}
+NODE_KEYS = {"type", "config", "children", "resized"}
 MAX_MODULES = 100_000
 MAX_INPUT_VALUES = 1 << 28  # C*H*W of a recorded input size: an example of it is allocated to profile and time
 
@@ -324,6 +383,8 @@ def check_tree(tree: Any, where: str, path: tuple = ("modules",)) -> dict:
             raise SlimkitError(f"{where}: field {field_path(here + ('type',))}: expected a type name")
         if "config" in node:
             expect(node["config"], dict, where, here + ("config",))
+        if "resized" in node:
+            expect(node["resized"], dict, where, here + ("resized",))
         children = expect(node.get("children", {}), dict, where, here + ("children",))
         for name, child in children.items():
             if not name or "." in name or len(name) > 256:

@@ -8,6 +8,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -331,13 +332,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seed(args: argparse.Namespace) -> None:
+    """Seed every RNG before a command builds anything: a model built untrained initialises the same every run."""
+    seed = getattr(args, "seed", None)
+    if args.command in ("info", "profile"):
+        return
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = int(seed) if isinstance(seed, int) else 0
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .cli_args import OutputLock
     from .trust import trust_code
 
     try:
         args = build_parser().parse_args(argv)
         _threads(args)
-        with trust_code(getattr(args, "trust_code", None)):
+        _seed(args)
+        out = getattr(args, "out", None)
+        with trust_code(getattr(args, "trust_code", None)), (OutputLock(out) if isinstance(out, str) and out
+                                                              else contextlib.nullcontext()):
             result = COMMANDS[args.command](args)
     except SlimkitError as e:
         print(f"slimkit: error: {e}", file=sys.stderr)

@@ -37,3 +37,24 @@ def run_cli(*argv: str) -> dict:
         raise SlimkitError(err.getvalue().strip())
     return json.loads(out.getvalue())
 
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """Run ``slimkit ARGV`` through the real entry point: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from slimkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, err: str) -> str:
+    """Assert the ground rule for bad input: exit status 2 and one ``slimkit: error:`` line, no traceback."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slimkit: error: ") and "Traceback" not in err, err
+    return lines[0]

@@ -1,7 +1,5 @@
 """Files are data, never code: crafted artifacts and recipes run nothing and fail in one line (README: trust model)."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -10,28 +8,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, cli, one_line_error
 from safetensors.torch import load_file, save_file
 
 import slimkit
 from slimkit import SlimkitError
 from slimkit.artifact import read_header
-from slimkit.cli import main
-
-
-def _cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
-
-
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("slimkit: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +63,7 @@ def test_header_naming_code_runs_nothing(artifact, tmp_path, monkeypatch):
         forged = _forge(artifact, tmp_path / f"f{i}.safetensors", _set(("base",), base))
         with pytest.raises(SlimkitError, match=r"never runs code a file names.*--trust-code"):
             slimkit.load(forged)
-        line = _one_line_error(*_cli("eval", forged, "--data", "digits", "--json")[::2])
+        line = one_line_error(*cli("eval", forged, "--data", "digits", "--json")[::2])
         assert "--trust-code" in line and f"f{i}.safetensors" in line
         assert not marker.exists(), f"{base['spec']} ran"
 
@@ -104,7 +86,7 @@ def test_crafted_file_in_a_fresh_process_exits_2_without_traceback(artifact, tmp
     forged = _forge(artifact, tmp_path / "f.safetensors", _set(("base",), bases[1]))
     r = subprocess.run([sys.executable, "-m", "slimkit.cli", "eval", forged, "--data", "digits"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
-    _one_line_error(r.returncode, r.stderr)
+    one_line_error(r.returncode, r.stderr)
     assert not marker.exists()
 
 
@@ -168,8 +150,8 @@ MALFORMED = {
 def test_malformed_header_is_one_line(artifact, tmp_path, case):
     edit, text, message = MALFORMED[case]
     forged = _forge(artifact, tmp_path / "bad.safetensors", edit, text)
-    code, _, err = _cli("info", forged, "--json")
-    line = _one_line_error(code, err)
+    code, _, err = cli("info", forged, "--json")
+    line = one_line_error(code, err)
     assert "bad.safetensors" in line
     with pytest.raises(SlimkitError) as e:
         slimkit.load(forged)
@@ -183,7 +165,7 @@ def test_tensors_that_do_not_fit_are_named(artifact, tmp_path):
     state[name] = torch.zeros(3)
     bad = tmp_path / "shape.safetensors"
     save_file(state, str(bad), metadata={"slimkit": json.dumps(read_header(artifact))})
-    line = _one_line_error(*_cli("eval", str(bad), "--data", "digits", "--json")[::2])
+    line = one_line_error(*cli("eval", str(bad), "--data", "digits", "--json")[::2])
     assert "shape mismatch" in line and name in line
 
 
@@ -283,7 +265,7 @@ def test_recipe_naming_code_needs_trust(tmp_path, monkeypatch):
         data: digits
         stages: []
     """)
-    line = _one_line_error(*_cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
+    line = one_line_error(*cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
     assert "field model" in line and "--trust-code nets.py" in line
     assert not (tmp_path / "out").exists()
     with trust_code("nets.py"):
@@ -316,7 +298,7 @@ def test_bad_recipe_is_one_line(tmp_path, monkeypatch, text, message):
 
     monkeypatch.chdir(tmp_path)
     recipe = _recipe(tmp_path, text)
-    line = _one_line_error(*_cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
+    line = one_line_error(*cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
     assert re.search(message, line), line
     assert not (tmp_path / "MARKER").exists() and not (tmp_path / "out").exists()
 
@@ -324,7 +306,7 @@ def test_bad_recipe_is_one_line(tmp_path, monkeypatch, text, message):
 def test_oversized_recipe_is_refused_unread(tmp_path):
     recipe = tmp_path / "big.yaml"
     recipe.write_text("model: digits_cnn\ndata: digits\n" + "#" * (1 << 20))
-    line = _one_line_error(*_cli("compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json")[::2])
+    line = one_line_error(*cli("compress", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--json")[::2])
     assert "at most 1,048,576" in line
 
 
@@ -455,7 +437,7 @@ def test_a_crafted_layer_that_fails_in_the_forward_is_one_line(artifact, tmp_pat
     forged = _forge(artifact, tmp_path / "s.safetensors",
                     _set(("modules", "children", "features", "children", "2"),
                          {"type": "torch.nn.Softmax", "config": {"dim": 9}}))
-    line = _one_line_error(*_cli("eval", forged, "--data", "digits", "--json")[::2])
+    line = one_line_error(*cli("eval", forged, "--data", "digits", "--json")[::2])
     assert "cannot take input" in line and "IndexError" in line
 
 
@@ -477,7 +459,7 @@ def test_more_bad_recipes_fail_before_data(tmp_path, monkeypatch, text, message)
 
     monkeypatch.setattr(pipeline, "load_data", lambda *a, **k: pytest.fail("data was read"))
     recipe = _recipe(tmp_path, text)
-    line = _one_line_error(*_cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
+    line = one_line_error(*cli("compress", "--recipe", recipe, "--out", str(tmp_path / "out"), "--json")[::2])
     assert re.search(message, line), line
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SlimkitError
+from ..errors import SlimkitError, first_line
 from ..registry import Registry
 
 
@@ -107,8 +107,29 @@ class PrefixEntry:
     signature: Callable[[str], Callable[..., nn.Module]]  # name -> the function whose parameters the kwargs must fit
 
 
+def _timm(name: str, num_classes: int | None, **kwargs) -> nn.Module:
+    """A timm model's structure (``pretrained=False``: timm never downloads anything then)."""
+    try:
+        import timm
+    except ImportError:
+        raise SlimkitError("timm:NAME models need timm: pip install 'slimkit[timm]'") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:6]}*")[:12]
+        raise SlimkitError(f"unknown timm model {name!r}" + (f" (similar: {', '.join(close)})" if close else ""))
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _timm_signature(name: str) -> Callable[..., nn.Module]:
+    import timm
+
+    return timm.models.model_entrypoint(name) if timm.is_model(name) else _timm
+
+
 PREFIXES: Registry[PrefixEntry] = Registry("model family prefix")
 PREFIXES.register("torchvision")(PrefixEntry(_torchvision, _torchvision_signature))
+PREFIXES.register("timm")(PrefixEntry(_timm, _timm_signature))
 
 
 def _user_module_name(path: str) -> str:
@@ -256,8 +277,10 @@ def document_spec(spec: str, where: str) -> str:
 
 
 BASE_KEYS = {"spec", "num_classes", "kwargs"}
-# builder arguments a file may not set: weights would download, num_classes has its own field
-_RESERVED_KWARGS = {"weights", "pretrained", "progress", "num_classes", "pretrained_cfg", "checkpoint_path"}
+# builder arguments a file may not set: weights would download or read another file (timm's
+# checkpoint_path, pretrained_cfg*), num_classes has its own field
+_RESERVED_KWARGS = {"weights", "pretrained", "progress", "num_classes", "pretrained_cfg", "checkpoint_path",
+                    "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"}
 
 
 def check_base(base: Any, where: str, path: tuple = ("base",)) -> dict:
@@ -371,7 +394,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(path)
         except Exception as e:
-            raise SlimkitError(f"{path}: not a readable safetensors file ({e})") from e
+            raise SlimkitError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,7 +10,7 @@ import os
 import time
 
 from ..cli import logger
-from ..cli_args import DATA_HELP, add_data_arguments, add_model_arguments
+from ..cli_args import DATA_HELP, add_data_arguments, add_model_arguments, run_fingerprint
 from ..errors import SlimkitError
 
 CHANNEL_FLAGS = ("target_macs", "target_params", "target_latency", "ratio", "sensitivity")
@@ -149,17 +149,24 @@ def cli_prune(args: argparse.Namespace) -> dict:
                                what=f"dataset {args.data}")
     before = evaluate(model, test_loader) if data else None
 
+    # a killed run restarts where its fine-tune stopped: pruning is deterministic, and each fine-tune
+    # checkpoints per epoch under a name that fingerprints the whole command, so another command
+    # writing to the same --out never resumes this one's checkpoint
+    run_id = run_fingerprint(args)
+
     def finetune(m: torch.nn.Module, step: int) -> None:
         if not tune.epochs:
             return
         loader = data.loader("train", args.batch_size, seed=args.seed + step)
+        ckpt = os.path.join(args.out, "checkpoints", f"finetune-{run_id}-step{step}")
         if tune.distill:  # recovery by distillation from the unpruned model (prune() leaves `model` untouched)
             from ..distill import distill_terms
 
             with distill_terms(tune.distill, teacher, m, example, **tune.distill_options) as terms:
-                fit(m, loader, seed=args.seed + step, progress=False, extra_losses=terms, **tune.fit.fit_kwargs())
+                fit(m, loader, seed=args.seed + step, progress=False, extra_losses=terms, checkpoint_dir=ckpt,
+                    **tune.fit.fit_kwargs())
         else:
-            fit(m, loader, seed=args.seed + step, progress=False, **tune.fit.fit_kwargs())
+            fit(m, loader, seed=args.seed + step, progress=False, checkpoint_dir=ckpt, **tune.fit.fit_kwargs())
 
     t0 = time.perf_counter()
     start, depth = model, None

@@ -55,7 +55,7 @@ class Criterion:
 
 
 CRITERIA: Registry[Criterion] = Registry("pruning criterion")
-_PRODUCERS = ("conv", "dwconv", "linear")
+_PRODUCERS = ("conv", "gconv", "dwconv", "linear")
 
 __all__ = ["CRITERIA", "Criterion", "compute_importance", "criteria_needing_data", "register_criterion",
            "slimming_penalty", "sparsity_term", "ssl_penalty"]
@@ -128,9 +128,18 @@ def l2_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarray:
     return _filter_norms(graph, 2)
 
 
-def _column_norms(w: torch.Tensor, p: int) -> np.ndarray:
-    """Per-input-channel norm of a conv (out, in, kh, kw) or linear (out, in) weight."""
-    cols = w.detach().transpose(0, 1).flatten(1)
+def _column_norms(w: torch.Tensor, p: int, groups: int = 1) -> np.ndarray:
+    """Per-input-channel norm of a conv (out, in/groups, kh, kw) or linear (out, in) weight.
+
+    With ``groups > 1`` input channel ``g*win + j`` is read only by the filters of group ``g``,
+    through their column ``j``.
+    """
+    w = w.detach()
+    if groups > 1:
+        per = w.abs().flatten(2).sum(2) if p == 1 else w.pow(2).flatten(2).sum(2)  # (out, win)
+        per = per.reshape(groups, -1, per.shape[1]).sum(1).reshape(-1)
+        return (per if p == 1 else per.sqrt()).double().cpu().numpy()
+    cols = w.transpose(0, 1).flatten(1)
     return (cols.abs().sum(1) if p == 1 else cols.pow(2).sum(1).sqrt()).double().cpu().numpy()
 
 
@@ -151,11 +160,11 @@ def group_l1_importance(model: nn.Module, graph: ChannelGraph, **_) -> np.ndarra
         w = getattr(rec.module, "weight", None)
         if w is None:
             continue
-        if rec.kind in ("conv", "linear") and rec.out_cls is not None:
+        if rec.kind in ("conv", "gconv", "linear") and rec.out_cls is not None:
             rows = w.detach().flatten(1)
             members.append((rec.out_cls, rows.abs().sum(1).double().cpu().numpy()))
-        if rec.kind in ("conv", "linear") and rec.in_cls is not None:
-            cols = _column_norms(w, 1)
+        if rec.kind in ("conv", "gconv", "linear") and rec.in_cls is not None:
+            cols = _column_norms(w, 1, rec.module.groups if rec.kind == "gconv" else 1)
             per_class = np.zeros(graph.num_classes)
             np.add.at(per_class, rec.in_cls, cols)  # flatten -> linear: a class owns H*W columns
             cls = np.unique(rec.in_cls)

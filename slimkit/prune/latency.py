@@ -104,7 +104,7 @@ class LatencyTable:
         self.cache: dict[tuple, float] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.calls: dict[str, int] = {}
-        timed = {id(r.module): n for n, r in graph.layers.items() if r.kind in ("conv", "dwconv")
+        timed = {id(r.module): n for n, r in graph.layers.items() if r.kind in ("conv", "gconv", "dwconv")
                  or (r.kind == "bn" and isinstance(r.module, nn.BatchNorm2d))}
         mods = [m for m in model.modules() if id(m) in timed]
 
@@ -135,12 +135,12 @@ class LatencyTable:
         shape = self.shapes.get(name)
         if shape is None:  # never called on the example input: it costs nothing there
             return 0.0
-        depthwise = rec.kind == "dwconv"
+        groups = {"dwconv": kin, "gconv": getattr(m, "groups", 1)}.get(rec.kind, 1)
         key = (rec.kind, kin, kout, batch, tuple(shape[2:])) + (() if rec.kind == "bn" else (
-            m.kernel_size, m.stride, m.padding, m.dilation, m.bias is not None, m.padding_mode))
+            m.kernel_size, m.stride, m.padding, m.dilation, m.bias is not None, m.padding_mode, groups))
         if key not in self.cache:
             layer = nn.BatchNorm2d(kout) if rec.kind == "bn" else nn.Conv2d(
-                kin, kout, m.kernel_size, m.stride, m.padding, m.dilation, groups=kout if depthwise else 1,
+                kin, kout, m.kernel_size, m.stride, m.padding, m.dilation, groups=groups,
                 bias=m.bias is not None, padding_mode=m.padding_mode)
             layer.eval()
             x = torch.randn(batch, kin, *shape[2:])
@@ -187,16 +187,17 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
     removed = np.zeros(graph.num_classes, dtype=bool)
     atoms = []  # (its finite-scored classes least important first, its size, the layers it touches)
     for g in graph.groups:
-        for atom in g.atoms:
+        for ai, atom in enumerate(g.atoms):
             cand = atom[np.isfinite(norm[atom])]
             if len(cand):
-                layers = [n for n, r in graph.layers.items() if r.kind in ("conv", "dwconv", "linear", "bn")
+                layers = [n for n, r in graph.layers.items() if r.kind in ("conv", "gconv", "dwconv", "linear", "bn")
                           and any(c is not None and np.isin(c, atom).any() for c in (r.in_cls, r.out_cls))]
                 # a residual trunk channel leaves and enters many convs, an inner one leaves one and enters
                 # one: counting its (per-group normalised) importance once per pair of layers it touches keeps
                 # the planner from thinning trunks just because each trunk chunk saves a lot of time
-                span = max(sum(graph.layers[n].kind in ("conv", "dwconv", "linear") for n in layers) / 2, 1.0)
-                atoms.append((cand[np.argsort(norm[cand], kind="stable")], len(atom), layers, span))
+                span = max(sum(graph.layers[n].kind in ("conv", "gconv", "dwconv", "linear") for n in layers) / 2, 1.0)
+                atoms.append((cand[np.argsort(norm[cand], kind="stable")], len(atom), layers, span,
+                              g.step(ai, round_to)))
     gone = [0] * len(atoms)
     counts = {n: table.widths(n, None) for a in atoms for n in a[2]}
 
@@ -215,10 +216,10 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
         if not unmet:
             return removed
         best = None
-        for i, (cand, size, layers, span) in enumerate(atoms):
+        for i, (cand, size, layers, span, step) in enumerate(atoms):
             kept = size - gone[i]
-            new_kept = (kept - 1) // round_to * round_to  # the next multiple of round_to below
-            if new_kept < min(round_to, size) or gone[i] + kept - new_kept > len(cand):
+            new_kept = (kept - 1) // step * step  # the next multiple of the rounding step below
+            if new_kept < min(step, size) or gone[i] + kept - new_kept > len(cand):
                 continue
             chunk = cand[gone[i]:gone[i] + kept - new_kept]
             trial = removed.copy()

@@ -105,6 +105,9 @@ def _layer_cost(rec, kin: int, kout: int) -> tuple[int, int]:
     if rec.kind == "conv":
         k = m.kernel_size[0] * m.kernel_size[1]
         return rec.macs_unit * kin * kout, k * kin * kout + (kout if m.bias is not None else 0)
+    if rec.kind == "gconv":  # the same positions leave every group: groups is unchanged
+        k, g = m.kernel_size[0] * m.kernel_size[1], m.groups
+        return rec.macs_unit * kin * kout // g, k * kin * kout // g + (kout if m.bias is not None else 0)
     if rec.kind == "dwconv":
         k = m.kernel_size[0] * m.kernel_size[1]
         return rec.macs_unit * kout, k * kout + (kout if m.bias is not None else 0)
@@ -157,11 +160,11 @@ def _removal(graph: ChannelGraph, norm: np.ndarray, proposed: np.ndarray, round_
     """Turn a proposed set of classes into a valid removal: per-atom rounding, lowest scores first."""
     removed = np.zeros(graph.num_classes, dtype=bool)
     for g in graph.groups:
-        for atom in g.atoms:
+        for i, atom in enumerate(g.atoms):
             n_prop = int(proposed[atom].sum())
             if not n_prop:
                 continue
-            n_remove = len(atom) - _keep_count(len(atom), n_prop, round_to, rounding)
+            n_remove = len(atom) - _keep_count(len(atom), n_prop, g.step(i, round_to), rounding)
             cand = atom[np.isfinite(norm[atom])]
             cand = cand[np.argsort(norm[cand], kind="stable")][:n_remove]
             removed[cand] = True
@@ -250,13 +253,14 @@ def _give_back(graph: ChannelGraph, norm: np.ndarray, removed: np.ndarray, round
     """
     chunks = []
     for g in graph.groups:
-        for atom in g.atoms:
+        for i, atom in enumerate(g.atoms):
             gone = atom[removed[atom]]
             if not len(gone):
                 continue
             gone = gone[np.argsort(-norm[gone], kind="stable")]
             kept = len(atom) - len(gone)
-            n = round_to if kept + round_to <= len(atom) else len(gone)
+            step = g.step(i, round_to)
+            n = step if kept + step <= len(atom) else len(gone)
             chunks.append((float(np.mean(norm[gone[:n]])), gone[:n]))
     chunks.sort(key=lambda c: -c[0])
     for _, chunk in chunks:

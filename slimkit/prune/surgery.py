@@ -8,6 +8,8 @@ prescribes for coupled layers. The option-A shortcut of CIFAR ResNets gets its o
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from torch import nn
 from ..artifact import register_module
 from ..errors import SlimkitError
 from .graph import ChannelGraph
+from .trace import same_as_base
 
 __all__ = ["PrunedPadShortcut", "apply_plan", "pad_sources"]
 
@@ -77,21 +80,58 @@ def _idx(keep: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.nonzero(keep)[0], dtype=torch.long)
 
 
-def _new_conv(m: nn.Conv2d, kin: torch.Tensor, kout: torch.Tensor, depthwise: bool) -> nn.Conv2d:
-    n_in, n_out = (len(kout), len(kout)) if depthwise else (len(kin), len(kout))
+def _same_type(m: nn.Module, tensors: dict[str, torch.Tensor], **attrs) -> nn.Module:
+    """A copy of a :data:`~slimkit.prune.trace.SAME_AS_BASE` layer (e.g. timm's BatchNormAct2d) with new tensors.
+
+    Rebuilding it as its ``torch.nn`` base would drop what its forward adds (the activation,
+    "same" padding), so the module is copied without its tensors and given the kept slices.
+    """
+    saved = {k: getattr(m, k) for k in tensors}
+    for k in tensors:  # the big tensors are not copied only to be replaced
+        m._parameters.pop(k, None) if k in m._parameters else m._buffers.pop(k, None)
+    try:
+        new = copy.deepcopy(m)
+    finally:
+        for k, v in saved.items():
+            (m._parameters if isinstance(v, nn.Parameter) else m._buffers)[k] = v
+    for k, v in tensors.items():
+        if isinstance(saved[k], nn.Parameter):
+            new._parameters[k] = nn.Parameter(v.clone(), requires_grad=saved[k].requires_grad)
+        else:
+            new._buffers[k] = v.clone()
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+def _new_conv(m: nn.Conv2d, kin: np.ndarray, kout: np.ndarray, kind: str) -> nn.Conv2d:
+    """The conv holding the kept slices of ``m``: dense, grouped (same positions kept in every group) or depthwise."""
+    n_in, n_out = int(kin.sum()), int(kout.sum())
+    groups = {"conv": 1, "gconv": m.groups, "dwconv": n_in}[kind]
+    w = m.weight.detach()[_idx(kout)]
+    if kind == "conv":
+        w = w[:, _idx(kin)]
+    elif kind == "gconv":  # the weight's input axis is the position within a group
+        w = w[:, _idx(kin[:m.in_channels // m.groups])]
+    if same_as_base(m):
+        tensors = {"weight": w} | ({"bias": m.bias.detach()[_idx(kout)]} if m.bias is not None else {})
+        return _same_type(m, tensors, in_channels=n_in, out_channels=n_out, groups=groups)
     # skip_init: the weights are overwritten at once, and random init of a large layer costs seconds
     new = nn.utils.skip_init(nn.Conv2d, n_in, n_out, m.kernel_size, m.stride, m.padding, m.dilation,
-                             groups=n_out if depthwise else 1, bias=m.bias is not None, padding_mode=m.padding_mode,
+                             groups=groups, bias=m.bias is not None, padding_mode=m.padding_mode,
                              device=m.weight.device, dtype=m.weight.dtype)
-    w = m.weight.detach()[kout]
-    new.weight.data.copy_(w if depthwise else w[:, kin])
+    new.weight.data.copy_(w)
     if m.bias is not None:
-        new.bias.data.copy_(m.bias.detach()[kout])
+        new.bias.data.copy_(m.bias.detach()[_idx(kout)])
     new.train(m.training)
     return new
 
 
 def _new_linear(m: nn.Linear, kin: torch.Tensor, kout: torch.Tensor) -> nn.Linear:
+    if same_as_base(m):
+        tensors = {"weight": m.weight.detach()[kout][:, kin]} | (
+            {"bias": m.bias.detach()[kout]} if m.bias is not None else {})
+        return _same_type(m, tensors, in_features=len(kin), out_features=len(kout))
     new = nn.utils.skip_init(nn.Linear, len(kin), len(kout), bias=m.bias is not None, device=m.weight.device,
                              dtype=m.weight.dtype)
     new.weight.data.copy_(m.weight.detach()[:, kin][kout] if len(kout) < len(kin) else m.weight.detach()[kout][:, kin])
@@ -102,6 +142,10 @@ def _new_linear(m: nn.Linear, kin: torch.Tensor, kout: torch.Tensor) -> nn.Linea
 
 
 def _new_bn(m: nn.modules.batchnorm._BatchNorm, keep: torch.Tensor) -> nn.Module:
+    if same_as_base(m):
+        tensors = {k: getattr(m, k).detach()[keep] for k in ("weight", "bias", "running_mean", "running_var")
+                   if getattr(m, k, None) is not None}
+        return _same_type(m, tensors, num_features=len(keep))
     ref = m.weight if m.weight is not None else m.running_mean
     new = type(m)(len(keep), eps=m.eps, momentum=m.momentum, affine=m.affine,
                   track_running_stats=m.track_running_stats,
@@ -170,10 +214,8 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> di
         kout = keep_cls[rec.out_cls] if rec.out_cls is not None else None
         if (kin is None or kin.all()) and (kout is None or kout.all()):
             continue
-        if rec.kind == "conv":
-            new = _new_conv(m, _idx(kin), _idx(kout), False)
-        elif rec.kind == "dwconv":
-            new = _new_conv(m, None, _idx(kout), True)
+        if rec.kind in ("conv", "gconv", "dwconv"):
+            new = _new_conv(m, kin, kout, rec.kind)
         elif rec.kind == "linear":
             new = _new_linear(m, _idx(kin), _idx(kout))
         elif rec.kind == "bn":
@@ -183,7 +225,7 @@ def apply_plan(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> di
         else:
             raise SlimkitError(f"internal: layer {name} ({rec.kind}) was blocked but the plan changes it")
         entry = {"out": np.nonzero(kout)[0].tolist()}
-        if rec.kind in ("conv", "linear", "pad"):
+        if rec.kind in ("conv", "gconv", "linear", "pad"):
             entry["in"] = np.nonzero(kin)[0].tolist()
         kept[name] = entry
         for path in paths.get(id(m), [name]):

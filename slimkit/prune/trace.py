@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import SlimkitError
 
-__all__ = ["hooked_forward", "pad_types", "trace"]
+__all__ = ["SAME_AS_BASE", "hooked_forward", "pad_types", "same_as_base", "trace"]
 
 
 def hooked_forward(model: nn.Module, example_input: torch.Tensor, handles: Iterable) -> None:
@@ -38,6 +38,19 @@ def pad_types() -> tuple[type, ...]:
     return (PadShortcut, PrunedPadShortcut)
 
 
+# subclasses of torch.nn layers from other libraries whose forward is the base layer's op followed by
+# per-channel work (an activation, dropout, "same" padding): the graph treats them as that layer, and
+# surgery keeps their type. Others (weight-standardised convs, mixed-kernel convs) are traced into.
+SAME_AS_BASE = frozenset({"timm.layers.norm_act.BatchNormAct2d", "timm.layers.linear.Linear",
+                          "timm.layers.conv2d_same.Conv2dSame"})
+
+
+def same_as_base(m: nn.Module) -> bool:
+    """Whether ``m`` is one of the :data:`SAME_AS_BASE` subclasses (traced as a leaf, pruned as its base)."""
+    t = type(m)
+    return f"{t.__module__}.{t.__qualname__}" in SAME_AS_BASE
+
+
 def _leaf_types() -> tuple[type, ...]:
     from ..models.layers import ChannelShuffle, ChannelwiseConv
 
@@ -51,7 +64,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = _leaf_types()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (id(m) in self.extra_leaves or isinstance(m, self.leaf_types)
+        return (id(m) in self.extra_leaves or isinstance(m, self.leaf_types) or same_as_base(m)
                 or super().is_leaf_module(m, qualname))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -129,6 +130,54 @@ def _batches(loader: Iterable, num_batches: int | None) -> Iterable[torch.Tensor
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _pieces_as_narrow(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``chunk``/``split`` along channels rewritten as one ``narrow`` per piece (ShuffleNet v2, CSP blocks).
+
+    torch's FX prepare puts an observer on the tuple a ``chunk`` returns (the ``getitem`` after it
+    shares its input's observer) and calibration then fails with "'tuple' object has no attribute
+    'numel'". Each piece as ``x.narrow(dim, start, length)`` is the same computation on tensors
+    FX observes normally. Models without such a split are returned unchanged (so artifacts of
+    them rebuild as before); a model plain ``torch.fx`` cannot trace is returned unchanged too.
+    """
+    import operator
+
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    names = {"chunk", "split", "tensor_split"}
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:
+        return model
+    nodes = [n for n in gm.graph.nodes if (n.op == "call_method" and n.target in names)
+             or (n.op == "call_function" and getattr(n.target, "__name__", "") in names)]
+    nodes = [n for n in nodes if n.users and all(u.op == "call_function" and u.target is operator.getitem
+                                                 and isinstance(u.args[1], int) for u in n.users)]
+    if not nodes:
+        return model
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    for n in nodes:
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        metas = n.meta.get("tensor_meta")
+        if not isinstance(dim, int) or not isinstance(metas, (tuple, list)):
+            continue
+        d = dim % len(metas[0].shape)
+        starts = [0]
+        for m in metas:
+            starts.append(starts[-1] + int(m.shape[d]))
+        for u in list(n.users):
+            i = u.args[1]
+            with gm.graph.inserting_after(u):
+                new = gm.graph.call_method("narrow", (n.args[0], d, starts[i], int(metas[i].shape[d])))
+            u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def calibrate(model: nn.Module, calib_loader: Iterable, observer: str = "minmax", num_batches: int | None = None,
               reduce_range: bool | None = None, observer_kwargs: dict | None = None) -> nn.Module:
     """Trace, fuse and observe ``model`` on calibration batches; returns the prepared GraphModule.
@@ -146,12 +195,20 @@ def calibrate(model: nn.Module, calib_loader: Iterable, observer: str = "minmax"
         raise SlimkitError("calibration data is empty")
     first = first.cpu()
     example = first[:1]
+    float_model = _pieces_as_narrow(float_model, example)
     with quiet():
         prepared = prepare_fx(float_model, make_qconfig_mapping(qconfig), (example,), backend_config=backend_config())
     with torch.inference_mode():
-        prepared(first)
-        for x in batches:
-            prepared(x.cpu())
+        for i, x in enumerate(itertools.chain([first], batches)):
+            if not torch.isfinite(x).all():
+                raise SlimkitError(f"calibration: batch {i + 1} holds NaN/Inf; the activation ranges would be "
+                                   f"meaningless")
+            y = prepared(x.cpu())
+            if isinstance(y, torch.Tensor) and not torch.isfinite(y).all():
+                from ..train.engine import first_nonfinite
+
+                raise SlimkitError(f"calibration: NaN/Inf on batch {i + 1}: "
+                                   f"{first_nonfinite(float_model, x.cpu())}")
     prepared.slimkit_recipe = {"observer": observer, "observer_kwargs": dict(observer_kwargs or {}),
                                "reduce_range": default_reduce_range() if reduce_range is None else bool(reduce_range),
                                "input_shape": list(example.shape[1:])}

@@ -75,3 +75,38 @@ def random_batches(n: int = 2, batch: int = 8, shape: tuple[int, ...] = (1, 8, 8
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g))
             for _ in range(n)]
+
+
+class ShuffleGateNet(nn.Module):
+    """A small CNN whose middle is concat -> channel shuffle -> SE gate -> grouped conv, then a channel split.
+
+    The constructs that "pruning breaks on my model" reports are about (Torch-Pruning's and
+    NNI's trackers) in one network: it is the pruning benchmark and test of grouped, shuffled
+    and split channels (``benchmarks/prune_any.py``, ``tests/test_prune_grouped.py``).
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, groups: int = 4) -> None:
+        super().__init__()
+
+        def cbr(cin: int, cout: int, k: int = 3, stride: int = 1, g: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=g, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU())
+
+        self.stem = cbr(3, width, stride=2)
+        self.left, self.right = cbr(width, width), cbr(width, width, k=1)
+        self.shuffle = nn.ChannelShuffle(groups)
+        self.se_reduce = nn.Conv2d(2 * width, width // 2, 1)
+        self.se_expand = nn.Conv2d(width // 2, 2 * width, 1)
+        self.grouped = cbr(2 * width, 2 * width, g=groups)
+        self.dw = cbr(width, 2 * width, g=width)  # depthwise with a channel multiplier of 2
+        self.tail = cbr(3 * width, 4 * width, stride=2)
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.shuffle(torch.cat([self.left(x), self.right(x)], 1))
+        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        x = self.grouped(x * gate)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.dw(b)], 1)
+        return self.head(self.tail(x).mean((2, 3)))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifact import atomic_write
-from ..errors import SlimkitError
+from ..errors import SlimkitError, first_line
 from .optim import build_optimizer
 from .schedules import build_schedule
 
@@ -129,12 +129,41 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}
 
 
+def first_nonfinite(model: nn.Module, x: torch.Tensor) -> str:
+    """Where NaN/Inf first appears in ``model`` on input ``x``: a parameter, the input, or a layer's output.
+
+    Re-runs the forward with hooks (no grad, the model's mode kept) and names the first module,
+    in execution order, whose output holds a non-finite value; used to turn "loss is nan" into a
+    message a user can act on.
+    """
+    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad_params:
+        return f"parameter {bad_params[0]} is already NaN/Inf"
+    if not torch.isfinite(x).all():
+        return "the input batch holds NaN/Inf"
+    found: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, args, out):
+        if not found and isinstance(out, torch.Tensor) and out.is_floating_point() and not torch.isfinite(out).all():
+            found.append(f"layer {names.get(m) or '(model)'} ({type(m).__name__})")
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return f"first NaN/Inf in the output of {found[0]}" if found else "the outputs are finite; the loss overflowed"
+
+
 def load_checkpoint(path: str) -> dict:
     """Read a training checkpoint safely (``weights_only``: tensors and plain containers only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SlimkitError(f"{path}: not a readable slimkit checkpoint ({type(e).__name__}: {e})") from e
+        raise SlimkitError(f"{path}: not a readable slimkit checkpoint ({first_line(e)})") from e
 
 
 def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None = None,
@@ -217,6 +246,10 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
                     value = term(batch)
                     sums[name] += value.detach().cpu() * y.numel()
                     total = total + value
+            if not torch.isfinite(total.detach()).all():
+                where = first_nonfinite(model, x)
+                raise SlimkitError(f"training: the loss became NaN/Inf at epoch {epoch + 1}, step {step + 1}: "
+                                   f"{where} (try a lower --lr or --grad-clip)")
             opt.zero_grad(set_to_none=True)
             total.backward()
             if grad_clip:
