@@ -22,7 +22,8 @@ from common import ROOT, markdown_table, record
 
 from slimkit.testing.sweep import STEPS, TIMM_MODELS, SweepRow, sweep_model, torchvision_models
 
-# inputs large enough for every stride and pooling of the network (a few need more than 64)
+# inputs large enough for every stride and pooling of the network (a few need more than 64; at 64x64
+# AlexNet's and VGG's adaptive pool to 6x6 / 7x7 would upsample, which the ONNX exporter refuses)
 SIZES = {"alexnet": 224, "inception_v3": 299, "timm:inception_v3": 299, "googlenet": 96, "timm:hrnet_w18_small": 128,
          "timm:xception41": 128, "timm:dm_nfnet_f0": 96, "timm:fastvit_t8": 128, "timm:efficientvit_b0": 128}
 
@@ -87,7 +88,7 @@ def main() -> None:
         if n_params > args.max_params:
             skipped.append(f"{spec} ({n_params / 1e6:.0f}M parameters, over --max-params)")
             continue
-        size = SIZES.get(spec, SIZES.get(name, args.size))
+        size = SIZES.get(spec, SIZES.get(name, 224 if name.startswith("vgg") else args.size))
         if (spec, size) in previous:
             d = previous[(spec, size)]
             r = SweepRow(spec, size, d["steps"], d["facts"], d["seconds"])

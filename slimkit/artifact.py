@@ -20,6 +20,7 @@ the file. A compression method that introduces its own module type registers it 
 
 from __future__ import annotations
 
+import collections
 import copy
 import errno
 import importlib
@@ -534,6 +535,10 @@ def _load(path: str) -> nn.Module:
     wrong = [k for k in own if own[k].shape != state[k].shape]
     if wrong:
         raise SlimkitError(f"{path}: shape mismatch for {wrong[:5]}")
+    # the modules' own state versions (torchvision's MNASNet refuses a state without them): the
+    # file holds tensors only, and the rebuilt model is the version that wrote them
+    state = collections.OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(state)
     # the spec as built: a trusted file stands at its real path, not the one the header recorded
     model.slimkit_base = copy.deepcopy(built.slimkit_base if built is not None else base)

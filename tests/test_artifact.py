@@ -119,3 +119,14 @@ def test_header_never_names_importable_code(tmp_path):
     with pytest.raises(SlimkitError, match="cannot rebuild module 'classifier' of type os.system"):
         slimkit.load(tmp_path / "forged.safetensors")
     assert os.path.getsize(path) > 0
+
+
+def test_module_state_versions_survive_the_round_trip(tmp_path):
+    # torchvision's MNASNet refuses a state_dict without its version metadata (found by the sweep, issue 22)
+    m = slimkit.create_model("torchvision:mnasnet0_5", num_classes=10).eval()
+    back = slimkit.load(slimkit.save(m, tmp_path / "m.safetensors")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(back(x), m(x))
+    save_file(m.state_dict(), str(tmp_path / "w.safetensors"))
+    again = slimkit.create_model("torchvision:mnasnet0_5", num_classes=10, weights=str(tmp_path / "w.safetensors"))
+    assert torch.equal(again.eval()(x), m(x))

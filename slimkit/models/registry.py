@@ -14,6 +14,7 @@ Families reached by a prefix (``torchvision:``) are registered in :data:`PREFIXE
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import inspect
 import os
@@ -367,6 +368,15 @@ def default_input_size(spec: str) -> tuple[int, int, int]:
         return MODELS.get(spec).input_size
     if spec == "torchvision:inception_v3":
         return (3, 299, 299)
+    if spec.startswith("timm:"):  # the size timm's own config records for the model
+        try:
+            import timm
+
+            size = timm.models.get_pretrained_cfg(spec[5:]).input_size
+            if len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size):
+                return tuple(size)
+        except Exception:  # noqa: BLE001 - no timm, no config: the ImageNet default below
+            pass
     return (3, 224, 224)
 
 
@@ -435,5 +445,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
              if k in sd and sd[k].shape != own[k].shape]
     if wrong:
         raise SlimkitError(f"{path}: shape mismatch: {_names(wrong, 3)}")
+    if getattr(sd, "_metadata", None) is None:  # a safetensors file or a plain dict: the model's own versions
+        sd = collections.OrderedDict(sd)
+        sd._metadata = getattr(own, "_metadata", None)
     model.load_state_dict(sd, strict=False)
     return model

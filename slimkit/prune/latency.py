@@ -180,7 +180,7 @@ def plan_latency(graph: ChannelGraph, norm: np.ndarray, table: LatencyTable, *, 
     layer of the stage, and the planner then thins trunks first (on resnet20 at 1/1.75 of the
     latency: 57.8% after one epoch of fine-tuning without the weight, 74.9% with it).
     """
-    from .pruner import _layer_cost, estimate
+    from .cost import _layer_cost, estimate
 
     ref = reference_seconds or table.model_seconds
     goals = {b: target_latency * ref[b] for b in table.batch_sizes}
