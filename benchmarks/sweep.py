@@ -15,6 +15,8 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import torch
@@ -48,6 +50,22 @@ def _params(spec: str) -> int:
             return sum(p.numel() for p in create_model(spec, num_classes=10).parameters())
 
 
+def _isolated(spec: str, size: int, threads: int, timeout: float) -> SweepRow:
+    """One model in a fresh process: memory is returned after each, and a crash or a hang is a row, not the end."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", spec, "--size", str(size), "--threads", str(threads)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return SweepRow(spec, size, {"build": f"timed out after {timeout:.0f} s"})
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    if r.returncode != 0 or not last.startswith("{"):
+        why = f"the process died (exit status {r.returncode})" + (": killed (out of memory?)" if r.returncode in (
+            -9, 137) else "")
+        return SweepRow(spec, size, {s: why for s in STEPS})
+    d = json.loads(last)
+    return SweepRow(spec, size, d["steps"], d["facts"], d["seconds"])
+
+
 def _save(path: str, done: list) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -64,9 +82,15 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(ROOT, "runs", "sweep.json"))
     ap.add_argument("--resume", action="store_true", help="reuse the rows already in --json")
     ap.add_argument("--max-params", type=float, default=200e6, help="skip (and list) models with more parameters")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per model")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, its row as JSON on stdout
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if args.one:
+        r = sweep_model(args.one, size=args.size)
+        print(json.dumps({"steps": r.steps, "facts": r.facts, "seconds": r.seconds}, default=str))
+        return
     specs = []
     if args.only in (None, "torchvision"):
         specs += [f"torchvision:{n}" for n in torchvision_models()][:args.limit]
@@ -89,11 +113,11 @@ def main() -> None:
             skipped.append(f"{spec} ({n_params / 1e6:.0f}M parameters, over --max-params)")
             continue
         size = SIZES.get(spec, SIZES.get(name, 224 if name.startswith("vgg") else args.size))
-        if (spec, size) in previous:
+        if (spec, size) in previous and all(v == "ok" for v in previous[(spec, size)]["steps"].values()):
             d = previous[(spec, size)]
             r = SweepRow(spec, size, d["steps"], d["facts"], d["seconds"])
         else:
-            r = sweep_model(spec, size=size)
+            r = _isolated(spec, size, args.threads, args.timeout)
         done.append({"spec": spec, "size": size, "steps": r.steps, "facts": r.facts, "seconds": r.seconds})
         _save(args.json, done)
         cells = [r.steps.get(s, "-") for s in STEPS]

@@ -282,3 +282,25 @@ def test_calibration_loader_is_class_balanced_train_without_augmentation():
     assert torch.equal(torch.cat(xs), loader.normalize(loader.images.clone()))
     train = data.train.images.flatten(1)
     assert all(bool((train == img.flatten()).all(1).any()) for img in loader.images[:5])
+
+
+def test_chunk_and_split_pieces_quantize_including_negative_indices():
+    # FX prepare observes the tuple a chunk returns and fails; pieces become narrow() (ShuffleNet v2, Res2Net)
+    from torch import nn
+
+    from slimkit.quant import quantize
+
+    class Pieces(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            p = self.a(x).chunk(2, dim=1)
+            s = torch.split(p[-1], 2, dim=1)
+            return torch.cat([p[0], self.b(torch.cat([s[-1], s[0]], 1))], 1).mean((2, 3))
+
+    m = Pieces().eval()
+    x = torch.randn(8, 3, 6, 6)
+    q = quantize(m, [x], "minmax")
+    assert ((q(x) - m(x)).norm() / m(x).norm()).item() < 0.05

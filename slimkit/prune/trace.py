@@ -75,16 +75,23 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, set[int]]:
         return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
     except Exception as first:  # fx raises many types (TraceError, TypeError...) on dynamic code
         err = first
+    failing: list[tuple[str, nn.Module]] = []
     for name, sub in model.named_modules():
         if not name or type(sub).__module__.startswith("torch.nn") or isinstance(sub, _leaf_types()):
             continue
         try:
-            _Tracer(leaves).trace(sub)
+            _Tracer(set()).trace(sub)
         except Exception:
-            leaves.add(id(sub))
-    try:
-        return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
-    except Exception as e:
-        raise SlimkitError(f"cannot trace {type(model).__name__} with torch.fx for pruning ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}); no single untraceable submodule "
-                           f"explains it: {e}") from e
+            failing.append((name, sub))
+    # the deepest untraceable modules first (an attention block, not the whole stage holding it), so the
+    # graph blocks as little as it can; their parents only if tracing still fails
+    deepest = {id(m) for n, m in failing if not any(o.startswith(n + ".") for o, _ in failing)}
+    for candidate in (deepest, {id(m) for _, m in failing}):
+        leaves = set(candidate)
+        try:
+            return fx.GraphModule(model, _Tracer(leaves).trace(model)), leaves
+        except Exception as e:  # noqa: BLE001 - fx raises many types on dynamic code
+            last = e
+    raise SlimkitError(f"cannot trace {type(model).__name__} with torch.fx for pruning ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0] if str(err) else ''}); no single untraceable submodule "
+                       f"explains it: {last}") from last

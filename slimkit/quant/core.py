@@ -32,7 +32,7 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx
 
 from ..artifact import _rebuild, describe, register_module
-from ..errors import SlimkitError
+from ..errors import SlimkitError, first_line
 from .config import QuantConfig
 from .observers import OBSERVERS, check_observer_kwargs
 
@@ -130,6 +130,21 @@ def _batches(loader: Iterable, num_batches: int | None) -> Iterable[torch.Tensor
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _untraceable(model: nn.Module) -> list[str]:
+    """The deepest modules ``torch.fx`` cannot trace (data-dependent control flow), by name."""
+    import torch.fx as fx
+
+    failing = []
+    for name, sub in model.named_modules():
+        if not name or type(sub).__module__.startswith("torch.nn"):
+            continue
+        try:
+            fx.symbolic_trace(sub)
+        except Exception:  # noqa: BLE001 - fx raises many types on dynamic code
+            failing.append(name)
+    return [n for n in failing if not any(o.startswith(n + ".") for o in failing)]
+
+
 def _pieces_as_narrow(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """``chunk``/``split`` along channels rewritten as one ``narrow`` per piece (ShuffleNet v2, CSP blocks).
 
@@ -167,7 +182,7 @@ def _pieces_as_narrow(model: nn.Module, example: torch.Tensor) -> nn.Module:
         for m in metas:
             starts.append(starts[-1] + int(m.shape[d]))
         for u in list(n.users):
-            i = u.args[1]
+            i = u.args[1] % len(metas)  # spx[-1] is the last piece
             with gm.graph.inserting_after(u):
                 new = gm.graph.call_method("narrow", (n.args[0], d, starts[i], int(metas[i].shape[d])))
             u.replace_all_uses_with(new)
@@ -196,8 +211,31 @@ def calibrate(model: nn.Module, calib_loader: Iterable, observer: str = "minmax"
     first = first.cpu()
     example = first[:1]
     float_model = _pieces_as_narrow(float_model, example)
-    with quiet():
-        prepared = prepare_fx(float_model, make_qconfig_mapping(qconfig), (example,), backend_config=backend_config())
+    untraceable: list[str] = []
+    try:
+        with quiet():
+            prepared = prepare_fx(float_model, make_qconfig_mapping(qconfig), (example,),
+                                  backend_config=backend_config())
+    except Exception as e:  # noqa: BLE001 - fx raises many types on dynamic code
+        # data-dependent control flow in a few modules ("same" padding, an attention block): those run
+        # float inside the int8 model, named in a warning and in the recipe
+        untraceable = _untraceable(float_model)
+        if not untraceable:
+            raise SlimkitError(f"quantize: torch.fx cannot trace {type(float_model).__name__} "
+                               f"({first_line(e)}); FX int8 needs a traceable forward") from None
+        from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+        custom = PrepareCustomConfig().set_non_traceable_module_names(untraceable)
+        try:
+            with quiet():
+                prepared = prepare_fx(float_model, make_qconfig_mapping(qconfig), (example,),
+                                      prepare_custom_config=custom, backend_config=backend_config())
+        except Exception as e2:  # noqa: BLE001
+            raise SlimkitError(f"quantize: torch.fx cannot trace {type(float_model).__name__} even with "
+                               f"{', '.join(untraceable[:3])} left float ({first_line(e2)})") from None
+        warnings.warn(f"slimkit.quantize: {', '.join(untraceable[:6])}"
+                      f"{f' and {len(untraceable) - 6} more' if len(untraceable) > 6 else ''}: cannot be traced "
+                      f"by torch.fx (data-dependent control flow) and stay float", stacklevel=2)
     with torch.inference_mode():
         for i, x in enumerate(itertools.chain([first], batches)):
             if not torch.isfinite(x).all():
@@ -209,6 +247,7 @@ def calibrate(model: nn.Module, calib_loader: Iterable, observer: str = "minmax"
 
                 raise SlimkitError(f"calibration: NaN/Inf on batch {i + 1}: "
                                    f"{first_nonfinite(float_model, x.cpu())}")
+    prepared.slimkit_untraceable = untraceable
     prepared.slimkit_recipe = {"observer": observer, "observer_kwargs": dict(observer_kwargs or {}),
                                "reduce_range": default_reduce_range() if reduce_range is None else bool(reduce_range),
                                "input_shape": list(example.shape[1:])}
@@ -337,6 +376,8 @@ def _encode(key: str, value: Any, out: dict[str, torch.Tensor]) -> None:
         out[key + _SEP + "torchdtype"] = torch.tensor(_DTYPES.index(value))
     elif isinstance(value, torch.Tensor):
         out[key] = value
+    elif value is None:  # a quantized conv without bias (no batch norm folded into it) stores None
+        out[key + _SEP + "none"] = torch.tensor(0)
     else:
         raise SlimkitError(f"cannot store quantized state entry {key!r} of type {type(value).__name__}")
 
@@ -356,6 +397,9 @@ def _scalar_int(state: dict, key: str, low: int, high: int) -> int:
 
 
 def _decode(key: str, state: dict) -> Any:
+    if key + _SEP + "none" in state:
+        state.pop(key + _SEP + "none")
+        return None
     if key + _SEP + "torchdtype" in state:
         return _DTYPES[_scalar_int(state, key + _SEP + "torchdtype", 0, len(_DTYPES))]
     if key + _SEP + "len" in state:
