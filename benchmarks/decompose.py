@@ -86,24 +86,24 @@ def build(name: str, variant: str, base: nn.Module, data, args) -> tuple[nn.Modu
     info: dict = {"model": name, "variant": variant, "procedure": procedure}
     t0 = time.perf_counter()
     if method == "tltorch":
-        plan = decompose(base, x, DecomposeConfig(method="tucker", target_macs=args.target_macs)).layers
+        plan = decompose(base, x, DecomposeConfig(decompose="tucker", target_macs=args.target_macs)).layers
         model = tltorch_model(base, plan)
         info["ranks"] = [r["rank"] for r in plan]
     elif method == "blocks+tucker":
         depth = prune_blocks(base, x, held_out_loader(data, args.batch_size, args.seed), target_macs=0.75, batches=4)
         info["removed_blocks"] = depth.removed
         frac = args.target_macs * depth.macs_before / depth.macs_after
-        r = decompose(depth.model, x, DecomposeConfig(method="tucker", target_macs=frac, procedure=procedure),
+        r = decompose(depth.model, x, DecomposeConfig(decompose="tucker", target_macs=frac, procedure=procedure),
                       loader=train, seed=args.seed)
         model, info["layers"] = r.model, r.layers
     elif method == "tucker+prune":
-        r = decompose(base, x, DecomposeConfig(method="tucker", target_macs=0.75, procedure=procedure), loader=train,
+        r = decompose(base, x, DecomposeConfig(decompose="tucker", target_macs=0.75, procedure=procedure), loader=train,
                       seed=args.seed)
         p = prune(r.model, x, target_macs=args.target_macs * r.macs_before / r.macs_after, criterion="group_l1",
                   round_to=4)
         model, info["layers"] = p.model, r.layers
     else:
-        r = decompose(base, x, DecomposeConfig(method=method, target_macs=args.target_macs, procedure=procedure),
+        r = decompose(base, x, DecomposeConfig(decompose=method, target_macs=args.target_macs, procedure=procedure),
                       loader=train, seed=args.seed)
         model, info["layers"] = r.model, r.layers
     info["decompose_min"] = (time.perf_counter() - t0) / 60
@@ -152,9 +152,9 @@ def load_variant(name: str, variant: str, base: nn.Module, info: dict, args) -> 
     if variant.startswith("tltorch"):
         from safetensors.torch import load_file
 
+        config = DecomposeConfig(decompose="tucker", target_macs=args.target_macs)
         model = tltorch_model(base, [{"name": r["name"], "rank": r["rank"]} for r in
-                                     decompose(base, torch.zeros(1, *INPUT),
-                                               DecomposeConfig(method="tucker", target_macs=args.target_macs)).layers])
+                                     decompose(base, torch.zeros(1, *INPUT), config).layers])
         model.load_state_dict(load_file(os.path.join(args.out, f"{name}-{variant}.weights.safetensors")))
         return model.eval()
     return slimkit.load(info["artifact"]).eval()
@@ -215,8 +215,8 @@ def speed_part(args) -> str:
     # resnet50's MACs are mostly in 1x1 convs, which Tucker-2 leaves whole: its floor is ~0.52 of the MACs
     for name, budget in (("vgg16", 1 / 3), ("resnet50", 0.6)):
         base = slimkit.create_model(f"torchvision:{name}").eval()
-        for label, cfg in (("tucker, EVBMF ranks", DecomposeConfig(method="tucker", rank="vbmf", iterations=10)),
-                           (f"tucker, {budget:.2f} of the MACs", DecomposeConfig(method="tucker", target_macs=budget,
+        for label, cfg in (("tucker, EVBMF ranks", DecomposeConfig(decompose="tucker", rank="vbmf", iterations=10)),
+                           (f"tucker, {budget:.2f} of the MACs", DecomposeConfig(decompose="tucker", target_macs=budget,
                                                                                  iterations=10))):
             r = decompose(base, x, cfg)
             cmp = compare(base, r.model, (3, 224, 224), batch_sizes=(1, 16), threads=args.threads, modes=("eager",),

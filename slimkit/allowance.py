@@ -39,10 +39,11 @@ def file_values(path: str) -> int:
 
 
 @contextmanager
-def allowance_for(path: str) -> Iterator[None]:
-    """While loading ``path``: rebuilt modules may declare twice its values and a little slack; the base
-    model, which pruning shrinks many times over, 64 times its values and a few million."""
-    values = file_values(path)
+def allowance_for(path: str, values: int | None = None) -> Iterator[None]:
+    """While loading ``path`` (holding ``values`` tensor values; default: read from its safetensors header):
+    rebuilt modules may declare twice its values and a little slack; the base model, which pruning
+    shrinks many times over, 64 times its values and a few million."""
+    values = file_values(path) if values is None else values
     modules, base = 2 * values + 1_000_000, 64 * values + 4_000_000
     token = _ALLOWANCE.set({"modules": [modules, modules], "base": [base, base]})
     try:

@@ -468,6 +468,12 @@ def read_header(path: str | os.PathLike) -> dict:
     path = artifact_file(path)
     if not os.path.isfile(path):
         raise SlimkitError(f"artifact not found: {path}")
+    from .sparse.pack import is_packed
+
+    if is_packed(path):
+        from .sparse.pack import read_header as read_packed_header
+
+        return read_packed_header(path)[1]
     try:
         with safe_open(path, framework="pt") as f:
             text = (f.metadata() or {}).get("slimkit")
@@ -518,14 +524,22 @@ def load(path: str | os.PathLike, *, trust_code: str | os.PathLike | list[str] |
 def _load(path: str) -> nn.Module:
     from safetensors.torch import load_file
 
+    from .sparse.pack import is_packed, read_packed
+
+    if is_packed(path):  # a packed file (slimkit.sparse.pack) holds the same document, its tensors encoded
+        header, state = read_packed(path)
+        return assemble(header, state, path, sum(t.numel() for t in state.values()))
+    return assemble(read_header(path), load_file(path), path)
+
+
+def assemble(header: dict, state: dict[str, torch.Tensor], path: str, values: int | None = None) -> nn.Module:
+    """The model a validated header describes, with ``state`` loaded strictly (``values``: the file's tensor values)."""
     from .models.registry import build_base
 
-    header = read_header(path)
-    with allowance_for(path):  # every module the header asks for is counted before it is built
+    with allowance_for(path, values):  # every module the header asks for is counted before it is built
         base = header.get("base")
         built = build_base(base, path) if base else None
         model = _rebuild(built, header["modules"], "")
-    state = load_file(path)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

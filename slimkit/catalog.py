@@ -107,6 +107,21 @@ def decompositions_section() -> str:
                       _table(["name", "needs data", "paper"], rows), ""])
 
 
+def sparse_section() -> str:
+    from .lowbit import METHODS as LOWBIT
+    from .sparse import SPARSIFIERS
+
+    rows = [[f"`{n}`", "yes" if SPARSIFIERS.get(n).uses_data else "no",
+             "yes" if SPARSIFIERS.get(n).needs_training else "no", SPARSIFIERS.get(n).summary,
+             SPARSIFIERS.get(n).paper] for n in SPARSIFIERS.names()]
+    low = [[f"`{n}`", LOWBIT.get(n).weights, LOWBIT.get(n).activations, LOWBIT.get(n).default_bits,
+            LOWBIT.get(n).paper] for n in LOWBIT.names()]
+    return "\n".join(["## Sparsity methods (`sparsify` stage `method:`, `slimkit sparsify --method`)", "",
+                      _table(["name", "needs data", "needs training", "what it does", "paper"], rows), "",
+                      "## Low-bit methods (`lowbit` stage `method:`, `slimkit lowbit --method`)", "",
+                      _table(["name", "weights", "activations (with act_bits)", "default bits", "paper"], low), ""])
+
+
 def export_section() -> str:
     from .export import FORMATS, RUNTIMES
 
@@ -159,7 +174,8 @@ def catalog_markdown() -> str:
             "registries and the config classes; the test suite fails when it is stale. Each section is what a "
             "recipe key or a command-line flag accepts.\n")
     return "\n".join([head, stages_section(), criteria_section(), observers_section(), distill_section(),
-                      transforms_section(), decompositions_section(), export_section(), search_section(),
+                      transforms_section(), decompositions_section(), sparse_section(), export_section(),
+                      search_section(),
                       training_section(), models_section()]).rstrip() + "\n"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -109,17 +110,25 @@ def cmd_info(args: argparse.Namespace) -> dict:
     params = sum(p.numel() for p in model.parameters())
     result = {"model": args.model, "params": params, "base": getattr(model, "slimkit_base", None),
               "history": getattr(model, "slimkit_history", []), "meta": getattr(model, "slimkit_meta", {})}
+    packed = None
     if is_artifact_path(args.model):
         from .artifact import artifact_file
+        from .sparse.pack import is_packed, sizes
 
         path = artifact_file(args.model)
         result["artifact_bytes"] = os.path.getsize(path)
+        if is_packed(path):
+            packed = result["packed"] = sizes(path)
     log = logger(args)
     log(f"{args.model}: {params:,} parameters, base {result['base']}")
     for i, step in enumerate(result["history"], 1):
         log(f"  {i}. {step.get('stage')} {step.get('params', {})} -> {step.get('metrics', {})}")
     if "artifact_bytes" in result:
         log(f"  size on disk: {result['artifact_bytes']:,} bytes")
+    if packed:
+        from .sparse.pack import size_table
+
+        log(size_table(packed))
     return result
 
 
@@ -244,6 +253,14 @@ PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
                   "low-rank decomposition of conv and linear layers (SVD, CP, Tucker-2, separable, asymmetric)"),
     "export": ("slimkit.export.cli", "add_export_args", "cli_export",
                "export to ONNX, OpenVINO IR or TorchScript, verified in the runtime that deploys it"),
+    "sparsify": ("slimkit.sparse.cli", "add_sparsify_args", "cli_sparsify",
+                 "unstructured sparsity (magnitude, AGP, OBD, DNS, IHT, L0/L1, ...), written also as a packed file"),
+    "share": ("slimkit.sparse.cli", "add_share_args", "cli_share",
+              "weight sharing: per-layer k-means codebooks with centroid fine-tuning (Deep Compression stage 2)"),
+    "lowbit": ("slimkit.lowbit.cli", "add_lowbit_args", "cli_lowbit",
+               "weights (and activations) below 8 bits, trained: LSQ, DoReFa, PACT, ternary (TTQ), binary"),
+    "pack": ("slimkit.sparse.pack_cli", "add_pack_args", "cli_pack",
+             "write an artifact as a packed file (sparse indices, codebooks, Huffman/lzma) and break its size down"),
     "search": ("slimkit.search.cli", "add_search_args", "cli_search",
                "search per-layer pruning ratios and blocks under a latency budget measured on the target runtime"),
 }
@@ -266,7 +283,9 @@ def command_configs(name: str) -> dict[str, tuple[type, dict]]:
 
         return {"fit": (FitConfig, {"title": "training", "defaults": TRAIN_DEFAULTS})}
     if name in PLUGIN_COMMANDS:
-        return importlib.import_module(PLUGIN_COMMANDS[name][0]).command_configs()
+        configs = importlib.import_module(PLUGIN_COMMANDS[name][0]).command_configs
+        # a module serving several commands takes the command's name
+        return configs(name) if "command" in inspect.signature(configs).parameters else configs()
     return {}
 
 

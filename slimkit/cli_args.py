@@ -53,7 +53,8 @@ class OutputLock:
     lock: it is renamed into place whole.
     """
 
-    FILE_SUFFIXES = (".onnx", ".xml", ".pt", ".safetensors", ".json", ".png", ".html", ".md", ".txt", ".csv")
+    FILE_SUFFIXES = (".onnx", ".xml", ".pt", ".safetensors", ".slimpack", ".json", ".png", ".html", ".md", ".txt",
+                     ".csv")
 
     def __init__(self, out: str) -> None:
         self.out = out

@@ -64,6 +64,9 @@ class StageEntry:
     config: type
     paper: str = ""
     example: dict = field(default_factory=dict)
+    # the stage runs its recipe's ``finetune:`` itself, while what it holds during training (sparsity
+    # masks, shared codebooks) is attached: it is called as ``run(model, ctx, config, recovery=...)``
+    trains: bool = False
 
     @property
     def summary(self) -> str:
@@ -83,7 +86,8 @@ STAGES: Registry[StageEntry] = Registry("stage")
 
 
 # Modules that register stages when imported; loaded on first lookup so `import slimkit` stays light.
-STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune", "slimkit.distill", "slimkit.decompose")
+STAGE_MODULES = ("slimkit.quant", "slimkit.transform", "slimkit.prune", "slimkit.distill", "slimkit.decompose",
+                 "slimkit.sparse", "slimkit.lowbit")
 
 
 def load_stage_modules() -> None:
@@ -105,8 +109,8 @@ def get_stage(name: str) -> StageEntry:
     return STAGES.get(name)
 
 
-def register_stage(name: str, *, config: type, paper: str = "",
-                   example: dict | None = None) -> Callable[[StageFn], StageFn]:
+def register_stage(name: str, *, config: type, paper: str = "", example: dict | None = None,
+                   trains: bool = False) -> Callable[[StageFn], StageFn]:
     """Register ``fn(model, ctx, config) -> nn.Module`` as the recipe stage ``name`` with its config class.
 
     Args:
@@ -114,10 +118,11 @@ def register_stage(name: str, *, config: type, paper: str = "",
         config: the :class:`~slimkit.config.MethodConfig` subclass of the stage's options.
         paper: the method's citation.
         example: options that run in seconds on the digits CNN (contract tests, docs).
+        trains: the stage runs the recipe's ``finetune:`` itself (``fn(..., recovery=FinetuneConfig | None)``).
     """
 
     def deco(fn: StageFn) -> StageFn:
-        STAGES.register(name)(StageEntry(name, fn, config, paper, dict(example or {})))
+        STAGES.register(name)(StageEntry(name, fn, config, paper, dict(example or {}), trains))
         return fn
 
     return deco
@@ -267,7 +272,7 @@ MAX_RECIPE_BYTES = 1 << 20
 RECIPE_TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "weights": (str, type(None)), "num_classes": (int, type(None)), "data": (str,),
     "limit": (int, type(None)), "seed": (int,), "batch_size": (int,), "device": (str,), "stages": (list, type(None)),
-    "val_size": (int, float), "progress": (bool,), "bench": (dict,), "runtime": (str,)}
+    "val_size": (int, float), "progress": (bool,), "bench": (dict,), "runtime": (str,), "pack": (bool,)}
 RECIPE_KEYS = set(RECIPE_TYPES)
 
 
@@ -428,10 +433,14 @@ def _run_recipe(recipe: dict, out_dir: str, progress: bool | None, log: Callable
         entry, config, recovery = stage_configs(stage, i)
         ctx.stage_index, ctx.details = i, {}
         t0 = time.perf_counter()
-        before = copy.deepcopy(model) if recovery is not None and recovery.distill and not recovery.teacher else None
-        model = entry.run(model, ctx, config)
-        if recovery is not None:
-            model = recover(model, ctx, recovery, before)
+        before = (copy.deepcopy(model) if not entry.trains and recovery is not None and recovery.distill
+                  and not recovery.teacher else None)
+        if entry.trains:
+            model = entry.run(model, ctx, config, recovery=recovery)
+        else:
+            model = entry.run(model, ctx, config)
+            if recovery is not None:
+                model = recover(model, ctx, recovery, before)
         metrics = measure(model, ctx)
         record = {"stage": entry.name, "params": config.to_dict(),
                   "finetune": recovery.to_dict() if recovery is not None else None,
@@ -449,6 +458,12 @@ def _run_recipe(recipe: dict, out_dir: str, progress: bool | None, log: Callable
         meta["runtime"] = recipe["runtime"]
     save(model, artifact, meta=meta)
     report = {"recipe": recipe, "steps": steps, "artifact": artifact, "artifact_bytes": os.path.getsize(artifact)}
+    if recipe.get("pack"):  # also the packed file: sparse and shared weights at the size they allow on disk
+        from .sparse import pack
+
+        report["packed"] = pack(model, os.path.join(out_dir, "model.slimpack"), meta=meta)
+        report["packed_bytes"] = os.path.getsize(report["packed"])
+        log(f"packed: {report['artifact_bytes']:,} -> {report['packed_bytes']:,} bytes ({report['packed']})")
     atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
     return report
 

@@ -45,3 +45,13 @@ def test_every_observer(name):
 @pytest.mark.parametrize("name", contracts.decomposition_names())
 def test_every_decomposition(name):
     contracts.check_decomposition(name)
+
+
+@pytest.mark.parametrize("name", contracts.sparsifier_names())
+def test_every_sparsity_method(name, tmp_path):
+    contracts.check_sparsifier(name, tmp_path)
+
+
+@pytest.mark.parametrize("name", contracts.lowbit_names())
+def test_every_lowbit_method(name, tmp_path):
+    contracts.check_lowbit(name, tmp_path)

@@ -236,8 +236,9 @@ def test_mac_budget_search_is_reproducible_and_within_budget(digits_model, tmp_p
 def test_latency_budget_is_met_as_measured(digits_model, tmp_path):
     model, data = digits_model
     torch.set_num_threads(1)
-    # four finalists: on a shared 2-core VM a single finalist's whole-model timing can miss by ~2% (0.812 seen)
-    cfg = SearchConfig(target_latency=0.8, runtime="eager", batch_sizes=(1,), trials=8, finalists=4, calib_batches=1,
+    # sixteen trials and four finalists: on a shared 2-core VM a whole-model timing can miss the table by 5%
+    # (0.836 seen), so the test needs several candidates predicted well inside the budget
+    cfg = SearchConfig(target_latency=0.8, runtime="eager", batch_sizes=(1,), trials=16, finalists=4, calib_batches=1,
                        val_batches=1, quantize="never")
     r = search(model, "digits", cfg, str(tmp_path), limit=300, data=data, log=quiet)
     assert r["chosen"]["measured_ratio"] <= 0.8

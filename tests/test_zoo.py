@@ -30,6 +30,8 @@ PAPER = {
     # LeCun et al. 1998: ~60k; C3's partial connection table (1,516 instead of 2,416 weights) is
     # replaced by full connections, as modern re-implementations do: 61,706 (+2.8%)
     "lenet5": (60_000, 0.03, None, None, {"in_channels": 1}),
+    # LeCun et al. 1998 / Han et al. 2016 Table 2: LeNet-300-100, 267K weights (266,610 with biases)
+    "lenet_300_100": (267_000, 0.002, None, None, {}),
     # Li et al. 2017 Table 1: 1.5e7 params, 3.13e8 FLOPs (MACs)
     "vgg16_cifar": (15.0e6, 0.01, 313e6, 0.01, {}),
     # He et al. 2016a: ResNet-56 0.85M; the pre-activation variant's 1x1 projection shortcuts
@@ -128,7 +130,8 @@ def test_registered_input_sizes():
     assert {n for n, s in sizes.items() if s == 224} == imagenet | set(TORCHVISION_MODELS) - {"inception_v3"}
     digits = {n for n in OWN if n.startswith("digits_")}
     assert all(sizes[n] == 8 for n in digits)
-    assert all(sizes[n] == 32 for n in OWN if n not in imagenet | {"xception"} | digits)
+    assert sizes["lenet_300_100"] == 28  # MNIST, as in Han et al. 2016
+    assert all(sizes[n] == 32 for n in OWN if n not in imagenet | {"xception", "lenet_300_100"} | digits)
     for name in ZOO:
         assert MODELS.get(name).build.__doc__, f"{name} has no docstring citing its paper"
 

@@ -3,8 +3,8 @@
 ::
 
     from slimkit.decompose import decompose, DecomposeConfig
-    r = decompose(model, torch.zeros(1, 3, 32, 32), DecomposeConfig(method="tucker", rank="vbmf"))
-    r = decompose(model, x, DecomposeConfig(method="tucker", target_macs=0.5), loader=train_loader)
+    r = decompose(model, torch.zeros(1, 3, 32, 32), DecomposeConfig(decompose="tucker", rank="vbmf"))
+    r = decompose(model, x, DecomposeConfig(decompose="tucker", target_macs=0.5), loader=train_loader)
     r.model, r.layers        # the decomposed model; per layer: rank, MACs before/after, error estimate
     r.skipped                # layers left whole, with the reason
 
@@ -189,7 +189,7 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
     Example:
         >>> import torch, slimkit
         >>> m = slimkit.create_model("resnet20")
-        >>> r = decompose(m, torch.zeros(1, 3, 32, 32), DecomposeConfig(method="tucker", target_macs=0.6))
+        >>> r = decompose(m, torch.zeros(1, 3, 32, 32), DecomposeConfig(decompose="tucker", target_macs=0.6))
         >>> r.macs_after <= 0.6 * r.macs_before
         True
     """
@@ -312,7 +312,7 @@ def _whole_cost(m: nn.Module, in_hw: tuple[int, int], out_hw: tuple[int, int]) -
 @register_stage("decompose", config=DecomposeConfig,
                 paper="Denton et al. 2014; Lebedev et al. 2015; Kim et al. 2016; Jaderberg et al. 2014; "
                       "Zhang et al. 2016",
-                example={"method": "tucker", "target_macs": 0.7})
+                example={"decompose": "tucker", "target_macs": 0.7})
 def decompose_stage(model: nn.Module, ctx: Context, config: DecomposeConfig) -> nn.Module:
     """Low-rank decomposition of conv and linear layers: :func:`decompose` on the context's training batches.
 

@@ -21,13 +21,15 @@ class DecomposeConfig(MethodConfig):
     nothing.
 
     Example:
-        >>> DecomposeConfig(method="tucker", rank="energy:0.9").procedure
+        >>> DecomposeConfig(decompose="tucker", rank="energy:0.9").procedure
         'all'
     """
 
     family = "decompose"
 
-    method: str = option("tucker", "the decomposition", choices=DECOMPOSITIONS)
+    # named for the family, as TransformConfig.transform: a recipe stage's own `method:` key names the stage
+    # (version 1 called it `method`, which a recipe could not set)
+    decompose: str = option("tucker", "the decomposition", choices=DECOMPOSITIONS, flag="--method")
     rank: str | int | None = option(None, "per-layer rank: vbmf, energy:F, ratio:F, full or a number; with a target "
                                           "it is each layer's ceiling (default: vbmf, or full with a target)")
     target_macs: float | None = option(None, "keep this fraction of the original MACs", low=0, high=1,
@@ -48,6 +50,20 @@ class DecomposeConfig(MethodConfig):
     round_to: int = option(1, "ranks considered by the allocation are multiples of this", low=1)
     min_saving: float = option(0.0, "leave a layer whole unless decomposing saves at least this fraction of its "
                                     "MACs (or measured time)", low=0, high=1, high_inclusive=False)
+
+    VERSION = 2
+
+    @classmethod
+    def migrate(cls, record: dict, version: int) -> dict:
+        if version < 2 and "method" in record:
+            record = {**record, "decompose": record["method"]}
+            record.pop("method")
+        return record
+
+    @property
+    def method(self) -> str:
+        """The decomposition (the ``decompose`` field; ``--method`` on the command line)."""
+        return self.decompose
 
     def validate(self) -> None:
         try:

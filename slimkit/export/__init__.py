@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from ..config import MethodConfig, option
 from ..errors import SlimkitError
-from .formats import FORMATS, Format, format_of, signed_activations
+from .formats import FORMATS, Format, format_of, signed_activations, staging_dir
 from .runtime import RUNTIMES, Runtime, Session, open_exported
 from .verify import Check, first_divergence, verify
 
@@ -156,20 +157,31 @@ def export(model: nn.Module, path: str | os.PathLike, config: ExportConfig | Non
     model = model.cpu().eval()
     size = tuple(input_size) if input_size is not None else tuple(model_input_size(model))
     example = torch.zeros(1, *size)
-    facts = fmt.write(model, example, path, config)
-    int8 = bool(facts.get("int8"))
-    result = ExportResult(path, fmt.name, int8, _size(path, fmt.name), facts=facts)
+    # everything is written and verified in a hidden folder beside PATH and moved into place last, so
+    # a kill during the (long) verification leaves neither the model nor its record behind
+    staging = staging_dir(path)
     try:
-        _check(model, path, fmt, config, size, data, result)
-    except BaseException:
-        _remove(path, fmt.name)
-        raise
-    record = {**result.to_dict(), "versions": _versions(config.runtimes_for_check()), "config": config.to_dict(),
-              "source": {"base": getattr(model, "slimkit_base", None),
-                         "stages": [h.get("stage") for h in getattr(model, "slimkit_history", [])]}}
-    from ..artifact import atomic_write_text
-
-    atomic_write_text(path + ".json", json.dumps(record, indent=2, default=str))
+        staged = os.path.join(staging, os.path.basename(path))
+        facts = fmt.write(model, example, staged, config)
+        result = ExportResult(staged, fmt.name, bool(facts.get("int8")), _size(staged, fmt.name), facts=facts)
+        _check(model, staged, fmt, config, size, data, result)
+        result.path = path
+        record = {**result.to_dict(), "versions": _versions(config.runtimes_for_check()), "config": config.to_dict(),
+                  "source": {"base": getattr(model, "slimkit_base", None),
+                             "stages": [h.get("stage") for h in getattr(model, "slimkit_history", [])]}}
+        with open(staged + ".json", "w") as f:
+            f.write(json.dumps(record, indent=2, default=str))
+        # weights first, the record last: a visible model file always has its weights beside it
+        order = ([".bin"] if fmt.name == "openvino" else []) + ["", ".json"]
+        for ext in order:
+            src = staged[: -len(".xml")] + ".bin" if ext == ".bin" else staged + ext
+            dst = path[: -len(".xml")] + ".bin" if ext == ".bin" else path + ext
+            os.replace(src, dst)
+    except OSError as e:
+        raise SlimkitError(f"{path}: cannot write ({os.strerror(e.errno) if e.errno else e}); nothing was written"
+                           ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 
@@ -178,12 +190,6 @@ def _size(path: str, fmt: str) -> int:
     if fmt == "openvino" and os.path.exists(path[:-4] + ".bin"):
         size += os.path.getsize(path[:-4] + ".bin")
     return size
-
-
-def _remove(path: str, fmt: str) -> None:
-    for p in (path, path[:-4] + ".bin" if fmt == "openvino" else None):
-        if p and os.path.exists(p):
-            os.unlink(p)
 
 
 def _check(model: nn.Module, path: str, fmt: Format, config: ExportConfig, size: tuple[int, ...],

@@ -57,7 +57,8 @@ def exported_module(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, False
 
 
-def _atomic_dir(path: str) -> str:
+def staging_dir(path: str) -> str:
+    """A new hidden folder beside ``path`` (same file system, so a rename from it is atomic)."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(folder, exist_ok=True)
@@ -171,7 +172,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: str, config) -> di
     import onnx
 
     module, int8 = exported_module(model)
-    tmpdir = _atomic_dir(path)
+    tmpdir = staging_dir(path)
     try:
         tmp = os.path.join(tmpdir, "model.onnx")
         _torch_onnx_export(module, example, tmp, config.opset, config.dynamic_batch)
@@ -200,7 +201,7 @@ def write_openvino(model: nn.Module, example: torch.Tensor, path: str, config) -
     RUNTIMES.get("openvino").require()
     import openvino as ov
 
-    tmpdir = _atomic_dir(path)
+    tmpdir = staging_dir(path)
     try:
         onnx_path = os.path.join(tmpdir, "model.onnx")
         facts = write_onnx(model, example, onnx_path, config)
@@ -225,7 +226,7 @@ def write_openvino(model: nn.Module, example: torch.Tensor, path: str, config) -
 def write_torchscript(model: nn.Module, example: torch.Tensor, path: str, config) -> dict:
     """``model`` traced, frozen (weights as constants, BN folded) and saved as a TorchScript archive."""
     module, int8 = exported_module(model)
-    tmpdir = _atomic_dir(path)
+    tmpdir = staging_dir(path)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit is deprecated upstream and says so on every call

@@ -101,6 +101,25 @@ def lenet5(num_classes: int = 10, **kwargs) -> LeNet5:
     return LeNet5(num_classes, **kwargs)
 
 
+class LeNet300100(nn.Module):
+    """The fully connected LeNet-300-100 (LeCun et al. 1998): two hidden layers of 300 and 100 units."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 300), nn.ReLU(inplace=True),
+                                        nn.Linear(300, 100), nn.ReLU(inplace=True), nn.Linear(100, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+
+@register_model("lenet_300_100", input_size=(1, 28, 28), num_classes=10)
+def lenet_300_100(num_classes: int = 10, **kwargs) -> LeNet300100:
+    """LeNet-300-100 (LeCun et al. 1998), the MLP of Deep Compression's first table; ``in_features=64`` for digits."""
+    return LeNet300100(num_classes, **kwargs)
+
+
 @register_model("nin", input_size=(3, 32, 32), num_classes=10)
 def nin(num_classes: int = 10, **kwargs) -> NIN:
     """Network in Network (Lin et al. 2014), CIFAR configuration."""

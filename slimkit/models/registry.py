@@ -71,8 +71,9 @@ def list_models() -> list[str]:
 
 
 def is_artifact_path(spec: str) -> bool:
-    """Whether a model spec names a slimkit artifact (a ``.safetensors`` file or a folder holding one)."""
-    if spec.endswith((".safetensors", ".slim")):
+    """Whether a model spec names a slimkit artifact (a ``.safetensors`` or packed ``.slimpack`` file, or a folder
+    holding ``model.safetensors``)."""
+    if spec.endswith((".safetensors", ".slim", ".slimpack")):
         return True
     return os.path.isdir(spec) and os.path.exists(os.path.join(spec, "model.safetensors"))
 

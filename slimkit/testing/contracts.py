@@ -267,3 +267,88 @@ def check_decomposition(name: str) -> None:
     out_hw = (1, 1) if x.dim() == 2 else tuple(y.shape[2:])
     p = profile(new.float(), x[:1].float())
     assert (p.macs, p.params) == d.cost(layer, rank, in_hw, out_hw), f"{name}: closed-form cost differs"
+
+
+# -- sparsity and low-bit methods ------------------------------------------------------------------
+
+def sparsifier_names() -> list[str]:
+    from ..sparse import SPARSIFIERS
+
+    return SPARSIFIERS.names()
+
+
+def _digits_job():
+    """The digits CNN, 40 images per split, and a one-epoch fine-tune callable."""
+    import slimkit
+
+    from ..data import load
+    from ..train import fit
+
+    data = load("digits", limit=40, seed=0)
+    torch.manual_seed(0)
+    model = slimkit.create_model("digits_cnn").eval()
+
+    def tune(m: nn.Module, epochs: int, tag: str) -> nn.Module:
+        fit(m, data.loader("train", 16), epochs=epochs, lr=0.01, progress=False)
+        return m
+
+    return model, data, tune
+
+
+def check_sparsifier(name: str, tmp_dir: str) -> None:
+    """It meets the target exactly (edge layers at half, the rest ranked globally), leaves plain layers, and
+    its model packs into a file that loads bit-identical."""
+    import slimkit
+
+    from ..sparse import SPARSIFIERS, SparsifyConfig, pack, sparsify
+    from ..sparse.masks import layer_targets, prunable_layers
+
+    model, data, tune = _digits_job()
+    entry = SPARSIFIERS.get(name)
+    config = SparsifyConfig(sparsify=name, sparsity=0.6)
+    r = sparsify(model, config, loader=data.loader("train", 16), finetune=tune, epochs=3 if name == "iht" else 1)
+    fixed, ranked = layer_targets(prunable_layers(model), 0.6, "global", "half")
+    rows = {row["name"]: row for row in r.layers}
+    for n, target in fixed.items():
+        assert rows[n]["nnz"] == round((1 - target) * rows[n]["numel"]), f"{name}: {n} is not at {target}"
+    rest = [rows[n] for n in ranked]
+    assert sum(row["nnz"] for row in rest) == round(0.4 * sum(row["numel"] for row in rest)), \
+        f"{name}: the ranked layers are not at the target"
+    assert not any(hasattr(m, "parametrizations") for m in r.model.modules()), f"{name}: masks left attached"
+    assert entry.paper and entry.summary, f"{name}: the registry entry lacks its facts"
+    path = pack(r.model, os.path.join(str(tmp_dir), f"{name}.slimpack"))
+    x = next(iter(data.loader("test", 8)))[0]
+    assert torch.equal(slimkit.load(path)(x), r.model(x)), f"{name}: the packed file does not reproduce it"
+
+
+def lowbit_names() -> list[str]:
+    from ..lowbit import METHODS
+
+    return METHODS.names()
+
+
+def check_lowbit(name: str, tmp_dir: str) -> None:
+    """Each quantized layer holds at most the values its bits allow (binary: two per output channel), the
+    edge layers are at 8 bits, and the packed file reproduces the model bit for bit."""
+    import slimkit
+
+    from ..lowbit import LowBitConfig, lowbit
+    from ..sparse import pack
+    from ..sparse.masks import prunable_layers
+
+    model, data, tune = _digits_job()
+    config = LowBitConfig(lowbit=name, act_bits=4)
+    r = lowbit(model, config, loader=data.loader("train", 16), finetune=tune, epochs=1)
+    for row, (_, layer) in zip(r.layers, prunable_layers(r.model)):
+        w = layer.weight.detach()
+        if row["edge"]:
+            assert row["bits"] == 8 and row["values"] <= 255, f"{name}: {row['name']} is not at 8 bits"
+        elif name == "binary":
+            per_channel = max(len(torch.unique(c)) for c in w.reshape(w.shape[0], -1))
+            assert per_channel <= 2, f"{name}: {row['name']} has {per_channel} values in a channel"
+        else:
+            limit = 3 if name == "ttq" else 2 ** config.bits
+            assert row["values"] <= limit, f"{name}: {row['name']} holds {row['values']} values"
+    path = pack(r.model, os.path.join(str(tmp_dir), f"{name}.slimpack"))
+    x = next(iter(data.loader("test", 8)))[0]
+    assert torch.equal(slimkit.load(path)(x), r.model(x)), f"{name}: the packed file does not reproduce it"
