@@ -113,7 +113,8 @@ def cmd_info(args: argparse.Namespace) -> dict:
     packed = None
     if is_artifact_path(args.model):
         from .artifact import artifact_file
-        from .sparse.pack import is_packed, sizes
+        from .sparse.pack import is_packed
+        from .sparse.sizes import sizes
 
         path = artifact_file(args.model)
         result["artifact_bytes"] = os.path.getsize(path)
@@ -126,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
     if "artifact_bytes" in result:
         log(f"  size on disk: {result['artifact_bytes']:,} bytes")
     if packed:
-        from .sparse.pack import size_table
+        from .sparse.sizes import size_table
 
         log(size_table(packed))
     return result

@@ -29,11 +29,13 @@ from ..errors import SlimkitError
 from .config import ShareConfig, SparsifyConfig
 from .masks import bake, prunable_layers
 from .methods import SPARSIFIERS, Sparsifier
-from .pack import is_packed, pack, read_packed, sizes
+from .pack import is_packed, pack, read_packed
 from .share import bake_shared, kmeans_1d
+from .sizes import size_table, sizes
 
 __all__ = ["SPARSIFIERS", "ShareConfig", "ShareResult", "SparseResult", "SparsifyConfig", "Sparsifier", "bake",
-           "finetuner", "is_packed", "kmeans_1d", "pack", "read_packed", "share", "share_stage", "sizes", "sparsify",
+           "finetuner", "is_packed", "kmeans_1d", "pack", "read_packed", "share", "share_stage", "size_table", "sizes",
+           "sparsify",
            "sparsify_stage", "trainable_copy", "training_stage"]
 
 Finetune = Callable[[nn.Module, int, str], nn.Module]
