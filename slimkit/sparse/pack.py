@@ -129,13 +129,14 @@ MAX_ROW_CODEBOOK = 16
 
 def _row_codebooks(t: np.ndarray, coders: tuple[str, ...]) -> tuple[dict, dict] | None:
     """Every value as a code into its output channel's own codebook: binary and per-channel low-bit weights
-    (``{-alpha_c, +alpha_c}``) have few values per row but more than :data:`MAX_CODEBOOK` per tensor."""
+    (``{-alpha_c, +alpha_c}``) have two values per row but ``2 C`` per tensor (1-bit codes instead of
+    ``log2(2 C)``-bit ones; the caller keeps whichever layout is smaller)."""
     if t.ndim < 2 or t.shape[0] == 0:
         return None
     rows = t.reshape(t.shape[0], -1)
     books = [np.unique(r) for r in rows]
     k = max(len(b) for b in books)
-    if k > MAX_ROW_CODEBOOK or len(np.unique(rows)) <= MAX_CODEBOOK:
+    if k > MAX_ROW_CODEBOOK or k >= len(np.unique(rows)):  # no fewer symbols than one tensor-wide codebook
         return None
     book = np.stack([np.pad(b, (0, k - len(b)), mode="edge") for b in books])
     codes = np.concatenate([np.searchsorted(b, r) for b, r in zip(books, rows)])
