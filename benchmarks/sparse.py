@@ -309,7 +309,7 @@ def main() -> None:
     p.add_argument("--share-bits", default="5/4,4/4", help="conv/linear bits of the sharing rows")
     p.add_argument("--lowbit", default="lsq:4/4,ttq,binary", help="low-bit rows: method[:W[/A]]")
     p.add_argument("--baselines", default=os.path.join(ROOT, "runs", "baselines"))
-    p.add_argument("--tag", default="", help="suffix of the docs section, e.g. -long for a second budget")
+    p.add_argument("--tag", default="", help="suffix of the docs section, e.g. --tag=-long for a second budget")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.variants = {"resnet20": args.resnet20.split(","), "resnet56": args.resnet56.split(",")}
