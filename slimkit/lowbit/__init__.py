@@ -103,12 +103,6 @@ class LowBitResult:
         return {"layers": self.layers}
 
 
-def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from ..sparse.masks import prunable_layers
-
-    return prunable_layers(model)
-
-
 def _weight_quantizer(kind: str, weight: torch.Tensor, bits: int, config: LowBitConfig) -> nn.Module:
     if kind == "lsq":
         return LSQWeight(weight, bits)
@@ -157,7 +151,7 @@ def lowbit(model: nn.Module, config: LowBitConfig | None = None, *, loader: Iter
         >>> [row["values"] <= 3 for row in r.layers if not row["edge"]]
         [True, True]
     """
-    from ..sparse.masks import edge_layers
+    from ..sparse.masks import edge_layers, prunable_layers
 
     config = config if config is not None else LowBitConfig.from_options(options)
     if config.act_bits is not None and loader is None:
@@ -165,7 +159,7 @@ def lowbit(model: nn.Module, config: LowBitConfig | None = None, *, loader: Iter
     from ..sparse import trainable_copy
 
     model = trainable_copy(model)
-    layers = _layers(model)
+    layers = prunable_layers(model)
     if not layers:
         raise SlimkitError("lowbit: the model has no conv or linear layer to quantize")
     edges = edge_layers(layers)
@@ -188,7 +182,7 @@ def lowbit(model: nn.Module, config: LowBitConfig | None = None, *, loader: Iter
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     rows = []
-    for (n, _), (_, m) in zip(layers, _layers(model)):
+    for (n, _), (_, m) in zip(layers, prunable_layers(model)):
         w = m.weight.detach()
         rows.append({"name": n, "bits": bits[n], "edge": n in edges,
                      "method": "uniform" if n in edges else config.method, "values": int(torch.unique(w).numel())})

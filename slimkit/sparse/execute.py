@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterable
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..artifact import register_module
+from ..bench import Runner, time_interleaved
 
 __all__ = ["SparseConv1x1", "SparseLinear", "sparse_execution"]
 
@@ -50,7 +50,8 @@ class _CSRWeight:
         self.csr = None
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, weight.shape)
+        # a copy made under inference mode cannot be used where autograd records (and vice versa it is cheap)
+        key = (weight.data_ptr(), weight._version, weight.shape, torch.is_inference_mode_enabled())
         if key != self.key:
             import warnings
 
@@ -61,18 +62,26 @@ class _CSRWeight:
         return self.csr
 
 
-class SparseLinear(nn.Linear):
+class _FromDense:
+    """``from_dense(layer)``: the CSR version of a dense layer, same weights, same mode."""
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module) -> nn.Module:
+        out = cls(*cls.shape_of(layer), bias=layer.bias is not None)
+        out.load_state_dict(layer.state_dict())
+        return out.train(layer.training)
+
+
+class SparseLinear(_FromDense, nn.Linear):
     """An ``nn.Linear`` that multiplies with its weight in CSR (``torch.sparse.mm``) outside training and export."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._csr = _CSRWeight()
 
-    @classmethod
-    def from_dense(cls, layer: nn.Linear) -> "SparseLinear":
-        out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        out.load_state_dict(layer.state_dict())
-        return out.train(layer.training)
+    @staticmethod
+    def shape_of(layer: nn.Linear) -> tuple[int, int]:
+        return layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or _exporting() or x.dim() != 2:
@@ -81,18 +90,16 @@ class SparseLinear(nn.Linear):
         return y + self.bias if self.bias is not None else y
 
 
-class SparseConv1x1(nn.Conv2d):
+class SparseConv1x1(_FromDense, nn.Conv2d):
     """A 1x1, stride-1, ungrouped ``nn.Conv2d`` computed as a CSR matrix product outside training and export."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias)
         self._csr = _CSRWeight()
 
-    @classmethod
-    def from_dense(cls, layer: nn.Conv2d) -> "SparseConv1x1":
-        out = cls(layer.in_channels, layer.out_channels, bias=layer.bias is not None)
-        out.load_state_dict(layer.state_dict())
-        return out.train(layer.training)
+    @staticmethod
+    def shape_of(layer: nn.Conv2d) -> tuple[int, int]:
+        return layer.in_channels, layer.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or _exporting():
@@ -120,16 +127,6 @@ def _eligible(m: nn.Module) -> type | None:
     return None
 
 
-def _time(fn, x: torch.Tensor, window: float) -> float:
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        fn(x)
-        reps += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= window:
-            return elapsed / reps
-
-
 def _inputs(model: nn.Module, example: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args[0].detach()))
@@ -154,8 +151,8 @@ def sparse_execution(model: nn.Module, input_size: tuple[int, ...], *, batch_siz
         batch_sizes: the sparse kernel must win at every one of these.
         min_speedup: the median of the per-pair dense/sparse time ratios must reach this.
         min_sparsity: layers less sparse than this are not timed (a CSR product cannot win there).
-        pairs: interleaved dense/sparse timing pairs per layer and batch size.
-        window_s: seconds per timing window.
+        pairs: interleaved dense/sparse timing rounds per layer and batch size (:func:`slimkit.bench.time_interleaved`).
+        window_s: each timing sample lasts at least this long.
 
     Returns:
         ``(model, decisions)``: per eligible layer its sparsity, the median speed-up per batch size and
@@ -170,11 +167,12 @@ def sparse_execution(model: nn.Module, input_size: tuple[int, ...], *, batch_siz
         row = {"name": name, "kind": type(layer).__name__, "sparsity": sparsity, "speedup": {}, "sparse": False}
         if sparsity >= min_sparsity and all(name in inputs[b] for b in batch_sizes):
             fast = _eligible(layer).from_dense(layer).eval()
-            with torch.no_grad():
-                for b in batch_sizes:
-                    x = torch.randn_like(inputs[b][name])
-                    ratios = [_time(layer, x, window_s) / _time(fast, x, window_s) for _ in range(pairs)]
-                    row["speedup"][str(b)] = statistics.median(ratios)
+            for b in batch_sizes:
+                x = torch.randn_like(inputs[b][name])
+                runners = [Runner("eager", lambda m=m, x=x: m(x), m) for m in (layer, fast)]
+                dense, sparse = time_interleaved(runners, warmup=2, repeats=pairs, min_time_s=0.0,
+                                                 min_sample_s=window_s)
+                row["speedup"][str(b)] = statistics.median(d / s for d, s in zip(dense, sparse))
             row["sparse"] = all(r >= min_speedup for r in row["speedup"].values())
             if row["sparse"]:
                 parent_name, _, child = name.rpartition(".")

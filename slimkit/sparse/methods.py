@@ -145,22 +145,20 @@ class SurgeryMask(Mask):
         return weight + (masked - weight).detach()
 
 
+def _underlying(job: Job) -> dict[str, torch.Tensor]:
+    """``|w|`` of the weights that keep training under the surgery masks (DNS scores those, masked or not)."""
+    return {n: m.parametrizations.weight.original.detach().abs() for n, m in job.layers}
+
+
 def _surgery_step(job: Job) -> None:
     c = job.config
     with torch.no_grad():
-        w = scores("magnitude", [(n, _Original(m)) for n, m in job.layers], None)
+        w = _underlying(job)
         cut = compute_masks(job.layers, w, c.sparsity, job.scope, c.edges)  # above a: may stay
         splice = compute_masks(job.layers, w, c.sparsity + c.splice_margin * (1 - c.sparsity), job.scope, c.edges)
         for n, m in job.layers:
             mask = m.parametrizations.weight[0].mask
             mask.copy_(torch.maximum(splice[n], cut[n] * mask))  # above b: spliced back in
-
-
-class _Original:
-    """A layer seen through its unmasked weight (DNS scores the weights that keep training underneath)."""
-
-    def __init__(self, m: nn.Module) -> None:
-        self.weight = m.parametrizations.weight.original
 
 
 @_register("dns", "Guo, Yao & Chen, Dynamic Network Surgery for Efficient DNNs, NeurIPS 2016", False, True,
@@ -182,13 +180,11 @@ def dns(job: Job) -> None:
 
     handle = job.model.register_forward_pre_hook(hook)
     try:
-        shaping, rest = job.split(1.0)
-        job.retrain(shaping, "dns")
+        job.retrain(job.epochs, "dns")
     finally:
         handle.remove()
     with torch.no_grad():  # the final cut at exactly the target, on the weights as trained
-        final = compute_masks(job.layers, scores("magnitude", [(n, _Original(m)) for n, m in job.layers], None),
-                              c.sparsity, job.scope, c.edges)
+        final = compute_masks(job.layers, _underlying(job), c.sparsity, job.scope, c.edges)
         for n, m in job.layers:
             m.parametrizations.weight[0].mask.copy_(final[n])
 

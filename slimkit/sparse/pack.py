@@ -196,21 +196,14 @@ def _encode_tensor(name: str, t: torch.Tensor, payload: _Payload, coders: tuple[
     record = {"dtype": dtype, "shape": list(t.shape)}
     arr = t.detach().cpu().contiguous()
     exact = t.dtype == torch.float32 or (t.is_floating_point() and torch.equal(arr.float().to(t.dtype), arr))
-    if not t.is_floating_point() or t.numel() < MIN_PACKED or not exact:
-        raw = arr.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else arr.numpy().tobytes()
-        return {**record, "layout": "raw", "streams": {"raw": payload.add(raw, coder="raw", count=len(raw))}}
-    values = arr.float().numpy()
-    best = None
-    for rec, streams in _layouts(values, coders):
-        size = sum(len(d) for _, d in streams.values())
-        if best is None or size < best[0]:
-            best = (size, rec, streams)
-    raw_size = arr.numel() * arr.element_size()
-    if best[0] >= raw_size:
-        raw = arr.numpy().tobytes() if t.dtype != torch.bfloat16 else arr.view(torch.uint8).numpy().tobytes()
-        return {**record, "layout": "raw", "streams": {"raw": payload.add(raw, coder="raw", count=len(raw))}}
-    _, rec, streams = best
-    return {**record, **rec, "streams": {k: payload.add(d, **meta) for k, (meta, d) in streams.items()}}
+    if t.is_floating_point() and t.numel() >= MIN_PACKED and exact:
+        size, rec, streams = min(((sum(len(d) for _, d in st.values()), rec, st)
+                                  for rec, st in _layouts(arr.float().numpy(), coders)), key=lambda b: b[0])
+        if size < arr.numel() * arr.element_size():
+            return {**record, **rec, "streams": {k: payload.add(d, **meta) for k, (meta, d) in streams.items()}}
+    # small, integer, not float32-exact, or no smaller when encoded: the tensor's bytes as they are
+    raw = (arr.view(torch.uint8) if t.dtype == torch.bfloat16 else arr).numpy().tobytes()
+    return {**record, "layout": "raw", "streams": {"raw": payload.add(raw, coder="raw", count=len(raw))}}
 
 
 def pack(model: nn.Module, path: str | os.PathLike, meta: dict | None = None, *,
@@ -234,9 +227,9 @@ def pack(model: nn.Module, path: str | os.PathLike, meta: dict | None = None, *,
         >>> read_packed(p)[0]["format"]
         'slimkit.artifact'
     """
-    from ..artifact import FORMAT as ARTIFACT_FORMAT
-    from ..artifact import VERSION as ARTIFACT_VERSION
     from ..artifact import atomic_write, describe, history
+    from ..artifact_header import FORMAT as ARTIFACT_FORMAT
+    from ..artifact_header import VERSION as ARTIFACT_VERSION
 
     path = str(path)
     document = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "base": getattr(model, "slimkit_base", None),
@@ -288,7 +281,7 @@ def _stream_ok(s: dict, payload: int, where: str) -> None:
 
 def read_header(path: str) -> tuple[dict, dict, int, int]:
     """``(packed header, artifact document, payload start, payload length)`` of a packed file, validated."""
-    from ..artifact import check_header
+    from ..artifact_header import check_header
     from ..documents import expect, expect_keys, parse_json
 
     prefix = len(MAGIC) + struct.calcsize(PREFIX)
