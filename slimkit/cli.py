@@ -133,15 +133,6 @@ def cmd_info(args: argparse.Namespace) -> dict:
     return result
 
 
-@command("compress")
-def cmd_compress(args: argparse.Namespace) -> dict:
-    """Run a compression recipe (YAML) and write the artifact and report to --out."""
-    from .pipeline import load_recipe, run_recipe
-
-    recipe = load_recipe(args.recipe)
-    return run_recipe(recipe, args.out, progress=not args.json, log=logger(args))
-
-
 def _input_size(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -198,7 +189,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 
 @command("report")
 def cmd_report(args: argparse.Namespace) -> dict:
-    """Accuracy vs MACs / measured latency plots (Canziani et al. 2016) for several models."""
+    """Accuracy vs MACs / measured latency plots (Canziani et al. 2016) for several models; ``--html`` writes one
+    self-contained page (model card, stages from the provenance, trade-offs, per-layer bars)."""
     import torch
 
     from .bench import bench
@@ -208,6 +200,10 @@ def cmd_report(args: argparse.Namespace) -> dict:
     from .report import layer_latency, plot_layers, write_report
     from .train import check_input, evaluate
 
+    if args.html:
+        return _report_html(args)
+    if not args.data or not args.out:
+        raise SlimkitError("report: give --data and --out (or --html OUT.html)")
     data = load(args.data, limit=args.limit, seed=args.seed)
     entries = []
     for spec in args.models:
@@ -232,6 +228,31 @@ def cmd_report(args: argparse.Namespace) -> dict:
     return report
 
 
+def _report_html(args: argparse.Namespace) -> dict:
+    """``slimkit report MODEL [MODEL ...] --html OUT``: the first model is "before", the last "after"."""
+    import torch
+
+    from .compress.html import write_html
+    from .compress.measure import models_report
+    from .data import load
+    from .models import create_model, model_input_size
+    from .train import check_input
+
+    data = load(args.data, limit=args.limit, seed=args.seed) if args.data else None
+    entries, size = [], None
+    for spec in args.models:
+        name, _, weights = spec.partition("=")
+        model = create_model(name, weights=weights or None).eval()
+        size = size or model_input_size(model, name)
+        if data is not None:
+            check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {args.data}")
+        entries.append((os.path.basename(name).removesuffix(".safetensors"), model))
+    report = models_report(entries, torch.zeros(1, *size), data, threads=args.threads or 1, log=logger(args))
+    path = write_html(report, args.html)
+    logger(args)(f"wrote {path}")
+    return {"html": path, "models": [label for label, _ in entries]}
+
+
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> dict:
     """The main job on embedded data: train the digits CNN, compress it, print before/after."""
@@ -242,6 +263,9 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 
 # Compression families bring their own arguments and command function: (module, add_args, run, help).
 PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "compress": ("slimkit.compress.cli", "add_compress_args", "cli_compress",
+                 "one command to a target (latency=F, size=F, macs=F): plan, search, KD, int8 or Deep Compression, "
+                 "export + verify, report.html; or run a recipe (--recipe)"),
     "distill": ("slimkit.distill.cli", "add_distill_args", "cli_distill",
                 "train a student from a teacher (KD, AT, FitNets, FSP, FT, ONE, Moonshine, MUNGE)"),
     "prune": ("slimkit.prune.cli", "add_prune_args", "cli_prune",
@@ -324,9 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test", choices=["train", "val", "test"])
     sp = add("info", "describe a model or artifact")
     model_args(sp)
-    sp = add("compress", "run a compression recipe")
-    sp.add_argument("--recipe", required=True)
-    sp.add_argument("--out", required=True)
     sp = add("profile", "count parameters, MACs, memory and energy per layer")
     model_args(sp)
     sp.add_argument("--input-size", help="C,H,W (default: the model's own)")
@@ -346,9 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
         getattr(mod, add_args)(add(name, help))
         COMMANDS[name] = getattr(mod, run)
     sp = add("report", "accuracy vs MACs and latency plots for several models")
-    sp.add_argument("models", nargs="+", help="model specs, optionally SPEC=WEIGHTS")
-    data_args(sp)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("models", nargs="+", help="model specs or artifacts, optionally SPEC=WEIGHTS")
+    data_args(sp, required=False)
+    sp.add_argument("--out", help="folder for the plots and report.json (with --data)")
+    sp.add_argument("--html", metavar="OUT.html", help="write one self-contained HTML page instead: the first model "
+                                                       "is 'before', the last 'after' (--data adds accuracy)")
     return p
 
 

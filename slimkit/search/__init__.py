@@ -36,7 +36,7 @@ from .space import Dimension, PruningSpace, policy_text
 from .study import SAMPLERS
 
 __all__ = ["PROBLEMS", "SAMPLERS", "Dimension", "PruningProblem", "PruningSpace", "QuadraticProblem",
-           "SearchConfig", "parse_duration", "policy_text", "search"]
+           "SearchConfig", "int8_if_faster", "parse_duration", "policy_text", "search"]
 
 EXPORT_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino", "torchscript": "torchscript"}
 
@@ -246,24 +246,44 @@ def _finetune(student: nn.Module, teacher: nn.Module, job: dict, out_dir: str, l
 
 
 def _maybe_int8(problem: PruningProblem, model: nn.Module, log: Callable[[str], None]):
-    """int8 when the runtime runs it faster (10% or more, measured) and validation top-1 holds, or always."""
+    c = problem.config
+    return int8_if_faster(model, problem.data, problem.val, problem.example, c.runtime, c.batch_sizes, c.threads,
+                          allowed=c.max_drop if c.max_drop is not None else 0.005, always=c.quantize == "always",
+                          seed=c.seed, log=log)
+
+
+def int8_if_faster(model: nn.Module, data, val, example, runtime: str, batch_sizes, threads: int, *, allowed: float,
+                   always: bool = False, seed: int = 0, log: Callable[[str], None] = print):
+    """int8 of ``model`` when ``runtime`` runs it faster (10% or more, measured) and validation top-1 holds.
+
+    Args:
+        model: the float model.
+        data: the dataset (its train split calibrates: 512 class-balanced images).
+        val: validation batches the accuracy drop is measured on.
+        example: one input (its shape is what is timed).
+        runtime, batch_sizes, threads: where and how the int8 and float models are timed, interleaved.
+        allowed: the validation top-1 the int8 model may lose (a fraction).
+        always: keep int8 whatever it measures.
+        seed: calibration subset seed.
+        log: called with the decision.
+
+    Returns:
+        ``(int8 model or None, facts)``: the facts hold the measured latency ratio and the accuracy drop.
+    """
     from ..quant import calibration_loader, quantize
     from ..train import evaluate
     from .evaluate import measured_ratio
 
-    c = problem.config
     try:
-        q = quantize(model, calibration_loader(problem.data, 512, 64, c.seed))
-        ratio = measured_ratio(model, q, problem.example, c.runtime, c.batch_sizes, c.threads)
+        q = quantize(model, calibration_loader(data, 512, 64, seed))
+        ratio = measured_ratio(model, q, example, runtime, batch_sizes, threads)
     except SlimkitError as e:
         log(f"int8: not used ({e})")
         return None, {"used": False, "reason": str(e)}
-    val = problem.val
     drop = evaluate(model, val)["top1"] - evaluate(q, val)["top1"]
-    allowed = c.max_drop if c.max_drop is not None else 0.005
-    use = c.quantize == "always" or (ratio <= 0.9 and drop <= allowed)
+    use = always or (ratio <= 0.9 and drop <= allowed)
     info = {"used": use, "latency_ratio_vs_float": ratio, "val_top1_drop": drop}
-    log(f"int8 in {c.runtime}: {ratio:.3f}x the float latency, validation top-1 -{drop * 100:.2f} points: "
+    log(f"int8 in {runtime}: {ratio:.3f}x the float latency, validation top-1 -{drop * 100:.2f} points: "
         + ("used" if use else "not used"))
     return (q if use else None), info
 

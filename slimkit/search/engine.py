@@ -132,15 +132,25 @@ def calibrate(problem: PruningProblem, model: nn.Module, log: Callable[[str], No
         + f"; worst error left {worst:.3f} of the original latency")
 
 
+class OutOfReach(SlimkitError):
+    """A budget even the smallest policy of the space misses; ``reached`` holds what it does reach per budget
+    (``macs``, ``params``, ``latency``: fractions of the original's), so a caller can relax the budget to it."""
+
+    def __init__(self, message: str, reached: dict[str, float]) -> None:
+        super().__init__(message)
+        self.reached = reached
+
+
 def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Tensor,
                     log: Callable[[str], None]) -> None:
-    """Refuse a budget that even the space's smallest policy misses, naming what it reaches."""
+    """Refuse a budget that even the space's smallest policy misses, naming what it reaches (:class:`OutOfReach`)."""
     from .evaluate import measured_ratio
 
     c = problem.config
     smallest = problem.space.smallest()
     cand, costs = problem.measure(smallest)
     misses = []
+    reached = {"macs": costs["macs_ratio"], "params": costs["params_ratio"]}
     if c.target_macs is not None and costs["macs_ratio"] > c.target_macs:
         misses.append(f"the MAC budget {c.target_macs:g} is out of reach: the smallest policy of this space keeps "
                       f"{costs['macs_ratio']:.3f} of the MACs")
@@ -149,12 +159,13 @@ def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Te
                       f"{costs['params_ratio']:.3f} of the parameters")
     if c.target_latency is not None and costs["latency_ratio"] > c.target_latency:
         measured = measured_ratio(model, cand, example, c.runtime, c.batch_sizes, c.threads)
+        reached["latency"] = measured
         if measured > c.target_latency:
             misses.append(f"the latency budget {c.target_latency:g} is out of reach: the smallest latency this space "
                           f"reaches is {measured:.3f} of the original in {c.runtime} "
                           f"(batch sizes {', '.join(map(str, c.batch_sizes))}, {c.threads} thread(s))")
     if misses:
-        raise SlimkitError("search: " + "; ".join(misses) + " (widen --space or relax the budget)")
+        raise OutOfReach("search: " + "; ".join(misses) + " (widen --space or relax the budget)", reached)
     log(f"smallest policy of the space: {costs['macs_ratio']:.3f}x MACs"
         + (f", {costs['latency_ratio']:.3f}x predicted latency" if "latency_ratio" in costs else ""))
 

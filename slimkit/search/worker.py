@@ -98,29 +98,36 @@ def run(job: dict, *, index: int = 0, problem=None, log=None) -> int:
 
 
 def _loop(study, problem, objective, last_error, target, deadline, heartbeat, grace, index, log) -> int:
+    from ..progress import Progress
 
     ran = failures = 0
-    while deadline is None or time.time() < deadline:
-        finished, running = _counts(study)
-        if finished >= target:
-            break
-        if finished + running >= target:
-            fail_dead_trials(study, grace)  # a dead worker's trial comes back as a waiting retry
-            time.sleep(min(1.0, heartbeat))
-            continue
-        last_error.clear()
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        ran += 1
-        if last_error:
-            failures += 1
-            if failures >= MAX_FAILURES:
-                e = last_error[0]
-                raise SlimkitError(f"search: {failures} trials in a row failed; the last with "
-                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        else:
-            failures = 0
-        if log is not None:
-            log(f"worker {index}: {ran} trials run here, {_counts(study)[0]}/{target} finished in the study")
+    # one bar (or log line per trial) of the study's finished trials, with an ETA from this worker's rate
+    bar = Progress(target, f"worker {index}: search trials", log, done=_counts(study)[0]) if log is not None else None
+    try:
+        while deadline is None or time.time() < deadline:
+            finished, running = _counts(study)
+            if finished >= target:
+                break
+            if finished + running >= target:
+                fail_dead_trials(study, grace)  # a dead worker's trial comes back as a waiting retry
+                time.sleep(min(1.0, heartbeat))
+                continue
+            last_error.clear()
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+            ran += 1
+            if last_error:
+                failures += 1
+                if failures >= MAX_FAILURES:
+                    e = last_error[0]
+                    raise SlimkitError(f"search: {failures} trials in a row failed; the last with "
+                                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            else:
+                failures = 0
+            if bar is not None:
+                bar.update(_counts(study)[0] - bar.n, note=f"{ran} run by this worker")
+    finally:
+        if bar is not None:
+            bar.close()
     return ran
 
 

@@ -276,8 +276,13 @@ def fit(model: nn.Module, train: Iterable, *, epochs: int, val: Iterable | None 
             record.update({f"val_{k}": v for k, v in evaluate(model, val, device=device).items() if k != "n"})
         result.epochs.append(record)
         if progress:
+            from ..progress import duration
+
             shown = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
-            print(f"epoch {epoch + 1}/{epochs}: {shown}", flush=True)
+            spent = sum(r["seconds"] for r in result.epochs[-(epoch + 1 - start):])
+            eta = spent / (epoch + 1 - start) * (epochs - epoch - 1)
+            print(f"epoch {epoch + 1}/{epochs}: {shown}" + (f", ETA {duration(eta)}" if epoch + 1 < epochs else ""),
+                  flush=True)
         if ckpt_path and rank == 0:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
                      "epoch": epoch + 1, "log": result.epochs, "torch_rng": torch.get_rng_state()}

@@ -1,0 +1,303 @@
+"""The steps of ``slimkit compress --target`` and the state that lets a killed run resume where it stopped.
+
+Every step reads the artifact the step before it saved and saves its own (``OUT/steps/NAME``)
+before ``OUT/compress.json`` marks it done, written atomically; a run started again with the same
+model, data and options skips the steps marked done, and a step cut short continues inside itself
+where it can: the search continues its Optuna study, a fine-tune its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import SlimkitError
+from .config import CompressConfig
+
+STATE = "compress.json"
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Job:
+    """What every step may use: the original model, the data, the options, where to write and the state."""
+
+    model: nn.Module
+    data: object
+    data_spec: str
+    limit: int | None
+    config: CompressConfig
+    out: str
+    threads: int
+    log: Callable[[str], None]
+    progress: bool
+    state: dict
+
+    @property
+    def example(self) -> torch.Tensor:
+        return torch.zeros(1, *self.data.info.input_size)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def step(self, name: str) -> dict:
+        return self.state["steps"].setdefault(name, {})
+
+    def done(self, name: str) -> bool:
+        return bool(self.state["steps"].get(name, {}).get("done"))
+
+    def finish(self, name: str, record: dict, seconds: float) -> None:
+        self.state["steps"][name] = {**record, "done": True, "seconds": seconds}
+        self.save_state()
+
+    def save_state(self) -> None:
+        from ..artifact import atomic_write_text
+
+        atomic_write_text(self.path(STATE), json.dumps(self.state, indent=1, default=str))
+
+    def saved(self, name: str) -> nn.Module:
+        """The model a finished step saved."""
+        from ..artifact import load
+
+        return load(self.state["steps"][name]["artifact"]).eval()
+
+    def save(self, model: nn.Module, name: str, **meta) -> str:
+        from ..artifact import save
+
+        os.makedirs(self.path("steps"), exist_ok=True)
+        return save(model, self.path("steps", f"{name}.safetensors"),
+                    meta={"input_size": list(self.data.info.input_size), "dataset": self.data_spec,
+                          "classes": list(self.data.info.classes), **meta})
+
+    def context(self, name: str):
+        """A pipeline context whose checkpoints live in ``OUT/steps/NAME`` (a resumed fine-tune finds them)."""
+        from ..pipeline import Context
+
+        return Context(data=self.data, out_dir=self.path("steps", name), seed=self.config.seed,
+                       progress=self.progress)
+
+
+def open_state(out: str, model_digest: str, config: CompressConfig, data_spec: str, limit: int | None) -> dict:
+    """The job's state in ``out``: resumed when it is this job's, new when there is none.
+
+    Raises:
+        SlimkitError: ``out`` holds a job of another model, dataset or options.
+    """
+    from ..documents import read_json_file
+
+    path = os.path.join(out, STATE)
+    identity = {"version": STATE_VERSION, "model": model_digest, "config": config.to_dict(), "data": data_spec,
+                "limit": limit}
+    if not os.path.exists(path):
+        return {**identity, "steps": {}, "started": time.time()}
+    state = read_json_file(path, "compress state")
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+        raise SlimkitError(f"compress: {path} is not a compress state file: use another --out")
+    for key in ("model", "data", "limit", "config"):
+        if state.get(key) != identity[key]:
+            what = {"model": "another model", "data": "another dataset", "limit": "another --limit",
+                    "config": "other options"}[key]
+            raise SlimkitError(f"compress: {out} holds a job of {what} ({key} differs): use another --out, or delete "
+                               f"{path} to start over")
+    return state
+
+
+def kd_config(epochs: int, lr: float):
+    """Hinton et al.'s KD from the original, the recovery of every step that retrains."""
+    from ..pipeline import FinetuneConfig
+
+    return FinetuneConfig(epochs=epochs, lr=lr, distill="kd")
+
+
+# --- the steps of a latency or MACs target -------------------------------------------------------------------
+
+
+def step_search(job: Job, plan: dict) -> dict:
+    """Search channel keep ratios and blocks under the budget; the applied policy (batch norms re-estimated).
+
+    A budget even the smallest policy misses is relaxed to what that policy reaches (5% above it), so the job
+    still ends with the best model it can make and a report saying how close it got.
+    """
+    from ..search import SearchConfig, search
+    from ..search.engine import OutOfReach
+
+    c = job.config
+    rec = job.step("search")
+    seconds = plan.get("search_seconds")
+    folder = job.path("search")
+
+    def run(fraction: float) -> dict:
+        cfg = SearchConfig(target_latency=fraction if c.kind == "latency" else None,
+                           target_macs=fraction if c.kind == "macs" else None, runtime=c.runtime,
+                           batch_sizes=tuple(c.batch_sizes), threads=job.threads, max_drop=c.max_drop / 100,
+                           trials=plan["trials"] or 100_000,
+                           time_budget=f"{max(seconds, 10):.0f}s" if seconds else None,
+                           finetune_epochs=0, quantize="never", seed=c.seed)
+        resume = os.path.exists(os.path.join(folder, "search.json"))
+        return search(job.model, job.data_spec, cfg, folder, limit=job.limit, data=job.data, model_name="compress",
+                      resume=resume, log=job.log)
+
+    try:
+        results = run(rec.get("relaxed_to", plan.get("search_fraction", c.fraction)))
+    except OutOfReach as e:
+        reached = e.reached.get(c.kind)
+        if reached is None or reached >= 0.99:
+            raise
+        rec["relaxed_to"] = min(0.99, reached * 1.05)
+        rec["warning"] = (f"{c.target} is out of reach of this model's pruning space ({e}); searched at "
+                          f"{c.kind}={rec['relaxed_to']:.3f} instead")
+        job.save_state()
+        job.log(rec["warning"])
+        results = run(rec["relaxed_to"])
+    chosen = {k: v for k, v in results["chosen"].items() if k != "latency"}
+    out = {"artifact": results["artifact"], "results": os.path.join(folder, "results.json"), "chosen": chosen,
+           "study": results["study"], "pareto": results["pareto"], "cost_key": results["cost_key"],
+           "metrics": {"test_top1": results["final"]["test_top1_applied"],
+                       "macs_ratio": results["final"]["macs_ratio"]}}
+    return out | {k: rec[k] for k in ("relaxed_to", "warning") if k in rec}
+
+
+def step_finetune(job: Job, plan: dict) -> dict:
+    """KD fine-tune of the searched model from the original, checkpointed every epoch."""
+    from ..artifact import history
+    from ..pipeline import recover
+    from ..train import evaluate
+
+    model = job.saved("search")
+    epochs = plan["finetune_epochs"]
+    if epochs:
+        model = recover(model, job.context("finetune"), kd_config(epochs, job.config.lr), job.model).eval()
+    top1 = evaluate(model, job.data.loader("test", 256))["top1"]
+    history(model).append({"stage": "finetune", "params": {"epochs": epochs, "lr": job.config.lr, "distill": "kd"},
+                           "metrics": {"test_top1": top1}})
+    return {"artifact": job.save(model, "finetune"), "metrics": {"test_top1": top1}, "epochs": epochs}
+
+
+def step_quantize(job: Job, plan: dict) -> dict:
+    """int8 when the runtime runs it faster and accuracy holds (measured), else the float model stays."""
+    from ..artifact import history
+    from ..prune.sensitivity import held_out_loader
+    from ..search import int8_if_faster
+    from ..train import evaluate
+
+    model = job.saved("finetune")
+    c = job.config
+    if not plan.get("int8"):
+        return {"artifact": job.state["steps"]["finetune"]["artifact"], "used": False,
+                "reason": "not planned for this target", "metrics": dict(job.state["steps"]["finetune"]["metrics"])}
+    val = held_out_loader(job.data, 256, c.seed)
+    q, info = int8_if_faster(model, job.data, val, job.example, c.runtime, c.batch_sizes, job.threads,
+                             allowed=c.max_drop / 100, always=c.quantize == "always", seed=c.seed, log=job.log)
+    if q is None:
+        return {"artifact": job.state["steps"]["finetune"]["artifact"], **info,
+                "metrics": dict(job.state["steps"]["finetune"]["metrics"])}
+    top1 = evaluate(q, job.data.loader("test", 256))["top1"]
+    history(q).append({"stage": "quantize", "params": {"calib": 512, "runtime": c.runtime},
+                       "metrics": {"test_top1": top1, **info}})
+    return {"artifact": job.save(q, "quantize"), **info, "metrics": {"test_top1": top1}}
+
+
+# --- the steps of a size target ------------------------------------------------------------------------------
+
+
+SPARSITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98)
+BITS = ((6, 5), (5, 4), (4, 4), (4, 3), (3, 2))  # (conv, linear) codebook bits, most precise first
+SIZE_MARGIN = 0.95  # candidates must fit in this fraction of the target: retraining moves the Huffman statistics
+
+
+def step_sparsity(job: Job, plan: dict) -> dict:
+    """Choose sparsity and codebook bits: for each bit width, the least sparsity whose packed file fits the
+    target (packed for real); of those, the one with the best validation top-1 before retraining."""
+    import tempfile
+
+    from ..artifact import save
+    from ..prune.sensitivity import held_out_loader
+    from ..sparse import ShareConfig, SparsifyConfig, pack, share, sparsify
+    from ..train import evaluate
+
+    c = job.config
+    with tempfile.TemporaryDirectory(prefix="slimkit-size-") as tmp:
+        original = os.path.getsize(save(job.model, os.path.join(tmp, "m.safetensors")))
+        target = c.fraction * original
+        val = [b for _, b in zip(range(2), held_out_loader(job.data, 256, c.seed), strict=False)]
+        rows, fits = [], []
+        sparse_cache: dict[float, nn.Module] = {}
+        for bits in BITS:
+            for s in SPARSITIES:
+                if s not in sparse_cache:
+                    sparse_cache[s] = sparsify(job.model, SparsifyConfig(sparsity=s)).model
+                shared = share(sparse_cache[s], ShareConfig(conv_bits=bits[0], linear_bits=bits[1])).model
+                size = os.path.getsize(pack(shared, os.path.join(tmp, "m.slimpack")))
+                row = {"sparsity": s, "conv_bits": bits[0], "linear_bits": bits[1], "bytes": size,
+                       "ratio": size / original, "fits": size <= SIZE_MARGIN * target}
+                rows.append(row)
+                if row["fits"]:
+                    row["val_top1"] = evaluate(shared, val)["top1"]
+                    fits.append(row)
+                    break
+    warning = None
+    if not fits:  # the job still makes the smallest model it can, and the report says how close it got
+        best = min(rows, key=lambda r: r["bytes"])
+        best["val_top1"] = None
+        warning = (f"{c.target} is out of reach: the smallest packed file tried ({best['sparsity']:.0%} sparse, "
+                   f"{best['conv_bits']}/{best['linear_bits']}-bit codebooks) is {best['ratio']:.4f} of the "
+                   "original; that one is made")
+        job.log(warning)
+    else:
+        best = max(fits, key=lambda r: (r["val_top1"], -r["sparsity"]))
+    job.log(f"size plan: {best['sparsity']:.0%} sparsity, {best['conv_bits']}-bit conv / {best['linear_bits']}-bit "
+            f"linear codebooks -> {best['ratio']:.3f} of {original:,} bytes before retraining "
+            f"({len(rows)} candidates packed)")
+    return {"chosen": best, "candidates": rows, "original_bytes": original} | ({"warning": warning} if warning else {})
+
+
+def step_sparsify(job: Job, plan: dict) -> dict:
+    """Global magnitude sparsity at the chosen level, retrained with the masks held (KD from the original)."""
+    from ..artifact import history
+    from ..sparse import SparsifyConfig, finetuner, sparsify
+    from ..train import evaluate
+
+    chosen = job.state["steps"]["sparsity"]["chosen"]
+    epochs = plan["sparse_epochs"]
+    cfg = SparsifyConfig(sparsity=chosen["sparsity"], rounds=2 if epochs >= 4 else 1)
+    ctx = job.context("sparsify")
+    r = sparsify(job.model, cfg, loader=job.data.loader("train", 128, seed=job.config.seed),
+                 finetune=finetuner(ctx, kd_config(epochs, job.config.lr), job.model) if epochs else None,
+                 epochs=epochs)
+    top1 = evaluate(r.model, job.data.loader("test", 256))["top1"]
+    history(r.model).append({"stage": "sparsify", "params": cfg.to_dict(), "metrics": {"test_top1": top1,
+                                                                                       "sparsity": r.sparsity}})
+    return {"artifact": job.save(r.model, "sparsify"), "sparsity": r.sparsity, "metrics": {"test_top1": top1},
+            "layers": r.layers}
+
+
+def step_share(job: Job, plan: dict) -> dict:
+    """Per-layer k-means weight sharing at the chosen bits, centroids retrained with KD."""
+    from ..artifact import history
+    from ..sparse import ShareConfig, finetuner, share
+    from ..train import evaluate
+
+    chosen = job.state["steps"]["sparsity"]["chosen"]
+    epochs = plan["share_epochs"]
+    cfg = ShareConfig(conv_bits=chosen["conv_bits"], linear_bits=chosen["linear_bits"])
+    r = share(job.saved("sparsify"), cfg,
+              finetune=finetuner(job.context("share"), kd_config(epochs, job.config.lr), job.model) if epochs else None,
+              epochs=epochs)
+    top1 = evaluate(r.model, job.data.loader("test", 256))["top1"]
+    history(r.model).append({"stage": "share", "params": cfg.to_dict(), "metrics": {"test_top1": top1}})
+    return {"artifact": job.save(r.model, "share"), "metrics": {"test_top1": top1}, "layers": r.layers}
+
+
+def step_pack(job: Job, plan: dict) -> dict:
+    """The packed file (sparse indices, codebooks, Huffman/lzma): what a size target is measured on."""
+    from ..sparse import pack, sizes
+
+    path = pack(job.saved("share"), job.path("model.slimpack"))
+    return {"artifact": job.state["steps"]["share"]["artifact"], "packed": path, "bytes": os.path.getsize(path),
+            "breakdown": sizes(path)}
