@@ -35,9 +35,6 @@ from .html import SECTIONS, render, write_html
 
 __all__ = ["SECTIONS", "TARGETS", "CompressConfig", "compress", "parse_target", "render", "write_html"]
 
-EXPORT_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino", "torchscript": "torchscript"}
-
-
 def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: str, *, data=None,
              limit: int | None = None, threads: int = 1, log: Callable[[str], None] = print,
              progress: bool = True, check: bool = True) -> dict:
@@ -116,56 +113,38 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
     return report
 
 
-def _final_step(job, plan: dict) -> str:
-    return "quantize" if "quantize" in plan["steps"] else "pack"
-
-
 def _step_export(job, plan: dict) -> dict:
-    """The deployed file: exported for the runtime and verified in it on random and test batches."""
-    from ..artifact import load, save
-    from ..export import FORMATS, ExportConfig, export
+    """The result as ``OUT/model.safetensors`` and exported for the runtime, verified in it."""
+    from ..artifact import save
+    from ..search import EXPORT_FORMATS, export_verified
 
-    source = job.state["steps"][_final_step(job, plan)]["artifact"]
-    model = load(source).eval()
-    artifact = save(model, job.path("model.safetensors"), meta=getattr(model, "slimkit_meta", None))
+    model = job.saved(job.result_step())
+    save(model, job.path("model.safetensors"), meta=getattr(model, "slimkit_meta", None))
     fmt = EXPORT_FORMATS.get(job.config.runtime)
     if fmt is None:
-        return {"artifact": artifact, "format": None,
+        return {"format": None,
                 "note": f"{job.config.runtime} runs the PyTorch model itself: the artifact is what is deployed"}
-    path = job.path("model" + FORMATS.get(fmt).suffix)
-    try:
-        r = export(model, path, ExportConfig(format=fmt, threads=job.threads), input_size=tuple(job.example.shape[1:]),
-                   data=job.data.loader("test", 64))
-    except SlimkitError as e:
-        job.log(f"export to {fmt}: {e}")
-        return {"artifact": artifact, "format": fmt, "passed": False, "error": str(e)}
-    runtimes = ", ".join(dict.fromkeys(c.runtime for c in r.checks))
-    job.log(f"exported {r.path} ({r.bytes:,} bytes), verified in {runtimes}: " + ("yes" if r.passed else "NO"))
-    return {"artifact": artifact, **r.to_dict()}
-
-
-def _float_of(job, plan: dict) -> nn.Module:
-    """The float model the result was made from (its counts and layers are the int8 model's too)."""
-    name = "finetune" if "finetune" in plan["steps"] else "share"
-    return job.saved(name)
+    return export_verified(model, fmt, job.out, threads=job.threads, input_size=tuple(job.example.shape[1:]),
+                           data=job.data, log=job.log)
 
 
 def _step_measure(job, plan: dict) -> dict:
     """The model card before and after, measured: accuracy, counts, bytes on disk, latency per runtime."""
     from ..artifact import load
-    from .measure import accuracy, artifact_bytes, counts, disk_bytes, latency, layers
+    from ..search.evaluate import file_bytes
+    from .measure import accuracy, counts, latency, layers
 
     c = job.config
-    final = load(job.state["steps"]["export"]["artifact"]).eval()
-    float_final = _float_of(job, plan)
-    original_bytes = artifact_bytes(job.model)
-    final_bytes = disk_bytes(job.state["steps"].get("pack", {}).get("packed")) or disk_bytes(
-        job.state["steps"]["export"]["artifact"])
-    int8 = bool(job.state["steps"].get("quantize", {}).get("used"))
+    final = load(job.path("model.safetensors")).eval()
+    # the float model the result was made from: its counts and layers are the int8 model's too
+    float_final = job.saved("share" if c.kind == "size" else "finetune")
+    packed = job.path("model.slimpack")
+    final_bytes = os.path.getsize(packed if c.kind == "size" else job.path("model.safetensors"))
+    int8 = job.result_step() == "quantize"
     convs = [n for n, m in float_final.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     export = job.state["steps"]["export"]
     float_nodes = sorted({n for nodes in (export.get("float_nodes") or {}).values() for n in nodes})
-    before = {**accuracy(job.model, job.data), **counts(job.model, job.example), "bytes": original_bytes,
+    before = {**accuracy(job.model, job.data), **counts(job.model, job.example), "bytes": file_bytes(job.model),
               "int8_layers": 0, "float_layers": len([m for m in job.model.modules()
                                                       if isinstance(m, (nn.Conv2d, nn.Linear))])}
     after = {**accuracy(final, job.data), **counts(float_final, job.example), "bytes": final_bytes,
@@ -181,16 +160,10 @@ def _step_measure(job, plan: dict) -> dict:
         with _warnings.catch_warnings():
             _warnings.simplefilter("ignore")
             warnings += [f"left unpruned: {w}" for w in build_graph(job.model, job.example, (), True).warnings]
-    bits = _layer_bits(job, plan, convs, int8, float_nodes)
+    share = job.state["steps"].get("share")
+    bits = ({r["name"]: r["bits"] for r in share["layers"]} if share else {n: 8 if int8 else 32 for n in convs})
     rows = layers(job.model, float_final, job.example, bits)
     return {"before": before, "after": after, "warnings": warnings, "layers": rows, "float_nodes": float_nodes}
-
-
-def _layer_bits(job, plan: dict, convs: list[str], int8: bool, float_nodes: list[str]) -> dict[str, int]:
-    share = job.state["steps"].get("share")
-    if share:
-        return {r["name"]: r["bits"] for r in share.get("layers", [])}
-    return {n: 8 if int8 else 32 for n in convs}
 
 
 def _verdict(job, plan: dict, measured: dict) -> dict:
@@ -213,7 +186,7 @@ def _verdict(job, plan: dict, measured: dict) -> dict:
         reached = after["macs"] / before["macs"]
         what = f"{reached:.3f}x the original's MACs"
     met_target, met_drop = reached <= c.fraction, drop <= c.max_drop
-    final = job.state["steps"]["export"]["artifact"]
+    final = job.path("model.safetensors")
     if met_target and met_drop:
         message = f"{c.target} met: {what}, top-1 {before['test_top1']:.4f} -> {after['test_top1']:.4f} " \
                   f"({-drop:+.2f} points, within {c.max_drop:g})"
@@ -281,13 +254,12 @@ def _report(job, plan: dict, seconds: float) -> dict:
             continue
         cfg = {k: rec[k] for k in ("chosen", "epochs", "used", "reason", "latency_ratio_vs_float", "format",
                                    "passed", "bytes") if k in rec}
-        cfg.pop("latency", None)
         stages.append({"name": name, "config": cfg, "metrics": rec.get("metrics", {}), "seconds": rec.get("seconds")})
-    files = {"artifact": export.get("artifact")}
+    files = {"artifact": job.path("model.safetensors")}
     if export.get("path"):
         files["exported"] = export["path"]
-    if job.state["steps"].get("pack"):
-        files["packed"] = job.state["steps"]["pack"]["packed"]
+    if c.kind == "size":
+        files["packed"] = job.path("model.slimpack")
     files.update(report_json=job.path("report.json"), report_html=job.path("report.html"))
     a, b = measured["after"], measured["before"]
     headline = [f"top-1 {100 * b['test_top1']:.2f}% -> {100 * a['test_top1']:.2f}% on {a['test_n']:,} test images; "

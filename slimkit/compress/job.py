@@ -62,10 +62,19 @@ class Job:
         atomic_write_text(self.path(STATE), json.dumps(self.state, indent=1, default=str))
 
     def saved(self, name: str) -> nn.Module:
-        """The model a finished step saved."""
+        """The model step ``name`` saved. Its path is fixed by the step's name, never read from the state file,
+        so a crafted ``compress.json`` cannot make the job load another file."""
         from ..artifact import load
 
-        return load(self.state["steps"][name]["artifact"]).eval()
+        if name == "search":
+            return load(self.path("search", "model.safetensors")).eval()
+        return load(self.path("steps", f"{name}.safetensors")).eval()
+
+    def result_step(self) -> str:
+        """The step whose model is the result: int8 when it was kept, else the float model before it."""
+        if self.config.kind == "size":
+            return "share"
+        return "quantize" if self.state["steps"].get("quantize", {}).get("used") else "finetune"
 
     def save(self, model: nn.Module, name: str, **meta) -> str:
         from ..artifact import save
@@ -156,7 +165,7 @@ def step_search(job: Job, plan: dict) -> dict:
         job.log(rec["warning"])
         results = run(rec["relaxed_to"])
     chosen = {k: v for k, v in results["chosen"].items() if k != "latency"}
-    out = {"artifact": results["artifact"], "results": os.path.join(folder, "results.json"), "chosen": chosen,
+    out = {"results": os.path.join(folder, "results.json"), "chosen": chosen,
            "study": results["study"], "pareto": results["pareto"], "cost_key": results["cost_key"],
            "metrics": {"test_top1": results["final"]["test_top1_applied"],
                        "macs_ratio": results["final"]["macs_ratio"]}}
@@ -176,7 +185,8 @@ def step_finetune(job: Job, plan: dict) -> dict:
     top1 = evaluate(model, job.data.loader("test", 256))["top1"]
     history(model).append({"stage": "finetune", "params": {"epochs": epochs, "lr": job.config.lr, "distill": "kd"},
                            "metrics": {"test_top1": top1}})
-    return {"artifact": job.save(model, "finetune"), "metrics": {"test_top1": top1}, "epochs": epochs}
+    job.save(model, "finetune")
+    return {"metrics": {"test_top1": top1}, "epochs": epochs}
 
 
 def step_quantize(job: Job, plan: dict) -> dict:
@@ -186,21 +196,21 @@ def step_quantize(job: Job, plan: dict) -> dict:
     from ..search import int8_if_faster
     from ..train import evaluate
 
-    model = job.saved("finetune")
     c = job.config
     if not plan.get("int8"):
-        return {"artifact": job.state["steps"]["finetune"]["artifact"], "used": False,
-                "reason": "not planned for this target", "metrics": dict(job.state["steps"]["finetune"]["metrics"])}
+        return {"used": False, "reason": "not planned for this target",
+                "metrics": dict(job.state["steps"]["finetune"]["metrics"])}
+    model = job.saved("finetune")
     val = held_out_loader(job.data, 256, c.seed)
     q, info = int8_if_faster(model, job.data, val, job.example, c.runtime, c.batch_sizes, job.threads,
                              allowed=c.max_drop / 100, always=c.quantize == "always", seed=c.seed, log=job.log)
     if q is None:
-        return {"artifact": job.state["steps"]["finetune"]["artifact"], **info,
-                "metrics": dict(job.state["steps"]["finetune"]["metrics"])}
+        return {**info, "metrics": dict(job.state["steps"]["finetune"]["metrics"])}
     top1 = evaluate(q, job.data.loader("test", 256))["top1"]
     history(q).append({"stage": "quantize", "params": {"calib": 512, "runtime": c.runtime},
                        "metrics": {"test_top1": top1, **info}})
-    return {"artifact": job.save(q, "quantize"), **info, "metrics": {"test_top1": top1}}
+    job.save(q, "quantize")
+    return {**info, "metrics": {"test_top1": top1}}
 
 
 # --- the steps of a size target ------------------------------------------------------------------------------
@@ -273,7 +283,8 @@ def step_sparsify(job: Job, plan: dict) -> dict:
     top1 = evaluate(r.model, job.data.loader("test", 256))["top1"]
     history(r.model).append({"stage": "sparsify", "params": cfg.to_dict(), "metrics": {"test_top1": top1,
                                                                                        "sparsity": r.sparsity}})
-    return {"artifact": job.save(r.model, "sparsify"), "sparsity": r.sparsity, "metrics": {"test_top1": top1},
+    job.save(r.model, "sparsify")
+    return {"sparsity": r.sparsity, "metrics": {"test_top1": top1},
             "layers": r.layers}
 
 
@@ -291,7 +302,8 @@ def step_share(job: Job, plan: dict) -> dict:
               epochs=epochs)
     top1 = evaluate(r.model, job.data.loader("test", 256))["top1"]
     history(r.model).append({"stage": "share", "params": cfg.to_dict(), "metrics": {"test_top1": top1}})
-    return {"artifact": job.save(r.model, "share"), "metrics": {"test_top1": top1}, "layers": r.layers}
+    job.save(r.model, "share")
+    return {"metrics": {"test_top1": top1}, "layers": r.layers}
 
 
 def step_pack(job: Job, plan: dict) -> dict:
@@ -299,5 +311,5 @@ def step_pack(job: Job, plan: dict) -> dict:
     from ..sparse import pack, sizes
 
     path = pack(job.saved("share"), job.path("model.slimpack"))
-    return {"artifact": job.state["steps"]["share"]["artifact"], "packed": path, "bytes": os.path.getsize(path),
+    return {"bytes": os.path.getsize(path),
             "breakdown": sizes(path)}

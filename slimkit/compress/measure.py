@@ -8,8 +8,6 @@ parameters and MACs; its layers are int8 kernels, which the export's runtime-gra
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -90,10 +88,6 @@ def layers(original: nn.Module, final_float: nn.Module, example: torch.Tensor, b
     return rows
 
 
-def disk_bytes(path: str | None) -> int | None:
-    return os.path.getsize(path) if path and os.path.exists(path) else None
-
-
 def models_report(entries: list[tuple[str, nn.Module]], example: torch.Tensor, data=None, *, runtimes=("eager",),
                   batch_sizes=(1,), threads: int = 1, log=print) -> dict:
     """The report dict of ``slimkit report MODEL [MODEL ...] --html OUT`` for any artifacts or models.
@@ -101,10 +95,12 @@ def models_report(entries: list[tuple[str, nn.Module]], example: torch.Tensor, d
     The first model is "before" and the last "after" (one model: both); every model is a point of the
     trade-off plots; the last model's provenance gives the stages. With ``data`` the cards carry test accuracy.
     """
+    from ..search.evaluate import file_bytes
+
     first, last = entries[0][1], entries[-1][1]
 
     def card(model: nn.Module) -> dict:
-        out = counts(model, example) | {"bytes": artifact_bytes(model)}
+        out = counts(model, example) | {"bytes": file_bytes(model)}
         if data is not None:
             out |= accuracy(model, data)
         return out
@@ -134,10 +130,3 @@ def _float(model: nn.Module) -> bool:
     from ..quant.core import is_quantized_module
 
     return not any(is_quantized_module(m) for m in model.modules())
-
-
-def artifact_bytes(model: nn.Module) -> int:
-    """Bytes of ``model`` saved as an artifact (written to a temporary file)."""
-    from ..search.evaluate import file_bytes
-
-    return file_bytes(model)

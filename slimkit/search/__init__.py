@@ -35,8 +35,8 @@ from .problems import PROBLEMS, PruningProblem, QuadraticProblem
 from .space import Dimension, PruningSpace, policy_text
 from .study import SAMPLERS
 
-__all__ = ["PROBLEMS", "SAMPLERS", "Dimension", "PruningProblem", "PruningSpace", "QuadraticProblem",
-           "SearchConfig", "int8_if_faster", "parse_duration", "policy_text", "search"]
+__all__ = ["EXPORT_FORMATS", "PROBLEMS", "SAMPLERS", "Dimension", "PruningProblem", "PruningSpace", "QuadraticProblem",
+           "SearchConfig", "export_verified", "int8_if_faster", "parse_duration", "policy_text", "search"]
 
 EXPORT_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino", "torchscript": "torchscript"}
 
@@ -203,7 +203,8 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
     exported = None
     fmt = EXPORT_FORMATS.get(c.runtime)
     if fmt is not None:
-        exported = _export(final, fmt, out_dir, problem, log)
+        exported = export_verified(final, fmt, out_dir, threads=c.threads, input_size=tuple(problem.example.shape[1:]),
+                                   data=problem.data, log=log)
     log(f"final: test top-1 {out['test_top1_original']:.4f} -> {out['test_top1']:.4f}, {out['macs_ratio']:.3f}x MACs, "
         + ", ".join(f"bs{b} {v['ratio']:.3f}x latency" for b, v in out["latency"].items()) + f"; wrote {artifact}")
     return out, exported, artifact
@@ -297,17 +298,21 @@ def _measure(model: nn.Module, final: nn.Module, problem: PruningProblem, c: Sea
             for b in c.batch_sizes}
 
 
-def _export(model: nn.Module, fmt: str, out_dir: str, problem: PruningProblem, log: Callable[[str], None]) -> dict:
+def export_verified(model: nn.Module, fmt: str, out_dir: str, *, threads: int, input_size: tuple[int, ...], data,
+                    log: Callable[[str], None]) -> dict:
+    """``OUT/model.SUFFIX`` in ``fmt``, verified in its runtime on random and test batches; a failure is reported
+    in the returned record (``passed`` False, ``error``), not raised: the artifact is still the result."""
     from ..export import FORMATS, ExportConfig, export
 
     path = os.path.join(out_dir, "model" + FORMATS.get(fmt).suffix)
     try:
-        r = export(model, path, ExportConfig(format=fmt, threads=problem.config.threads),
-                   input_size=tuple(problem.example.shape[1:]), data=problem.data.loader("test", 64))
+        r = export(model, path, ExportConfig(format=fmt, threads=threads), input_size=input_size,
+                   data=data.loader("test", 64))
     except SlimkitError as e:
         log(f"export to {fmt}: {e}")
         return {"format": fmt, "passed": False, "error": str(e)}
-    log(f"exported {r.path} ({r.bytes:,} bytes), verified: {'yes' if r.passed else 'no'}")
+    runtimes = ", ".join(dict.fromkeys(c.runtime for c in r.checks))
+    log(f"exported {r.path} ({r.bytes:,} bytes), verified in {runtimes}: {'yes' if r.passed else 'NO'}")
     return r.to_dict()
 
 
