@@ -393,6 +393,7 @@ def _seed(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .cli_args import OutputLock
+    from .progress import reporting
     from .trust import trust_code
 
     try:
@@ -401,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         _seed(args)
         out = getattr(args, "out", None)
         with trust_code(getattr(args, "trust_code", None)), (OutputLock(out) if isinstance(out, str) and out
-                                                              else contextlib.nullcontext()):
+                                                              else contextlib.nullcontext()), \
+                reporting(logger(args), bar=not getattr(args, "json", False)):
             result = COMMANDS[args.command](args)
     except SlimkitError as e:
         print(f"slimkit: error: {e}", file=sys.stderr)

@@ -73,7 +73,7 @@ def test_parse_target():
 
 def test_progress_writes_lines_with_an_eta_off_a_terminal():
     lines: list[str] = []
-    p = Progress(4, "trials", log=lines.append, bar=False)
+    p = Progress(4, "trials", log=lines.append, bar=False, every=0)
     p.update()
     time.sleep(0.01)
     p.update(note="best 0.9")

@@ -220,7 +220,7 @@ def test_every_stage_declares_a_config_and_an_example():
 
 # -- the docstring examples run ------------------------------------------------------------------------------
 
-DOCUMENTED = ["slimkit.config", "slimkit.trust", "slimkit.documents", "slimkit.experimental",
+DOCUMENTED = ["slimkit.config", "slimkit.config_flags", "slimkit.trust", "slimkit.documents", "slimkit.experimental",
               "slimkit.models.registry", "slimkit.artifact", "slimkit.pipeline", "slimkit.train.config",
               "slimkit.prune.config", "slimkit.prune.pruner", "slimkit.prune.depth", "slimkit.prune.importance",
               "slimkit.quant.config", "slimkit.quant.core", "slimkit.distill", "slimkit.distill.config",

@@ -71,7 +71,7 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
         True
     """
     from ..data import load as load_data
-    from ..progress import Progress
+    from ..progress import Progress, reporting
     from ..search.engine import model_digest
     from ..train import check_input
     from . import job as steps
@@ -85,27 +85,28 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
     state = steps.open_state(out_dir, model_digest(model), config, data_spec, limit)
     job = steps.Job(model=model, data=data, data_spec=data_spec, limit=limit, config=config, out=out_dir,
                     threads=threads, log=log, progress=progress, state=state)
-    if "plan" not in state:
-        state["plan"] = make_plan(model, config, job.example, data, threads)
-        job.save_state()
-    plan = state["plan"]
-    log(plan_text(plan))
-    run = {"search": steps.step_search, "finetune": steps.step_finetune, "quantize": steps.step_quantize,
-           "sparsity": steps.step_sparsity, "sparsify": steps.step_sparsify, "share": steps.step_share,
-           "pack": steps.step_pack, "export": _step_export, "measure": _step_measure}
-    work = [s for s in plan["steps"] if s != "report"]
-    bar = Progress(len(work), "compress steps", log, bar=progress, done=sum(job.done(s) for s in work))
-    try:
-        for name in work:
-            if job.done(name):
-                continue
-            t0 = time.time()
-            job.log(f"compress: {name} ...")
-            record = run[name](job, plan)
-            job.finish(name, record, time.time() - t0)
-            bar.update(note=name)
-    finally:
-        bar.close()
+    with reporting(log, bar=progress):  # calibration, latency tables, verification report here too
+        if "plan" not in state:
+            state["plan"] = make_plan(model, config, job.example, data, threads)
+            job.save_state()
+        plan = state["plan"]
+        log(plan_text(plan))
+        run = {"search": steps.step_search, "finetune": steps.step_finetune, "quantize": steps.step_quantize,
+               "sparsity": steps.step_sparsity, "sparsify": steps.step_sparsify, "share": steps.step_share,
+               "pack": steps.step_pack, "export": _step_export, "measure": _step_measure}
+        work = [s for s in plan["steps"] if s != "report"]
+        bar = Progress(len(work), "compress steps", log, bar=progress, done=sum(job.done(s) for s in work), every=0)
+        try:
+            for name in work:
+                if job.done(name):
+                    continue
+                t0 = time.time()
+                job.log(f"compress: {name} ...")
+                record = run[name](job, plan)
+                job.finish(name, record, time.time() - t0)
+                bar.update(note=name)
+        finally:
+            bar.close()
     report = _report(job, plan, time.time() - t_start)
     if check and not report["verdict"]["met"]:
         raise SlimkitError(report["verdict"]["message"])  # the CLI's one line; the report is written

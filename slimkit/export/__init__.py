@@ -204,12 +204,18 @@ def _check(model: nn.Module, path: str, fmt: Format, config: ExportConfig, size:
             real.append((batch[0] if isinstance(batch, (tuple, list)) else batch).float().numpy())
         if real:
             sets.append(("data", real))
+    from ..progress import Progress
+
     onnx_graph = path if fmt.name == "onnx" else None
-    for name in config.runtimes_for_check():
+    runtimes = config.runtimes_for_check()
+    bar = Progress(len(runtimes) * len(sets), f"export verification of {os.path.basename(path)}")
+    for name in runtimes:
         session = RUNTIMES.get(name).open(path, config.threads)
         for what, batches in sets:
             result.checks.append(verify(model, session, batches, int8=result.int8, inputs=what, onnx_path=onnx_graph))
+            bar.update(note=f"{name}, {what} inputs")
         result.float_nodes[name] = RUNTIMES.get(name).float_nodes(session)
+    bar.close()
     failed = [c for c in result.checks if not c.passed]
     if failed:
         c = failed[0]

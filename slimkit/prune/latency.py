@@ -116,7 +116,17 @@ class LatencyTable:
         hooked_forward(model, example_input, [m.register_forward_pre_hook(hook) for m in mods])
         self.full = {n: self.widths(n, None) for n in timed.values()}
         self.model_seconds = model_seconds(model, example_input, self.batch_sizes, repeats)
-        self.full_layers = {b: self.layers_seconds(self.full, b) for b in self.batch_sizes}
+        from ..progress import Progress
+
+        bar = Progress(len(self.full) * len(self.batch_sizes), "latency table: layers timed")
+        self.full_layers = {}
+        for b in self.batch_sizes:
+            total = 0.0
+            for n, (kin, kout) in self.full.items():
+                total += self.layer_seconds(n, kin, kout, b)
+                bar.update()
+            self.full_layers[b] = total
+        bar.close()
 
     def widths(self, name: str, keep: np.ndarray | None) -> tuple[int, int]:
         """(in, out) width of layer ``name`` with the classes in ``keep`` kept (``None``: all)."""

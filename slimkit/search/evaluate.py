@@ -97,6 +97,7 @@ class RuntimeLatencyTable:
             self.fit = {}
         self.fit = {b: self.fit.get(b, (1.0, 0.0)) for b in self.batch_sizes}
         self.reference_layers = self.layers(model)
+        self._time_layers(self.reference_layers, "latency table: layers of the original timed")
         self.calibration: list[dict] = list(saved.get("calibration", [])) if saved and self.matches(saved) else []
 
     def matches(self, saved: dict) -> bool:
@@ -150,6 +151,17 @@ class RuntimeLatencyTable:
             self.cache[key] = self.added[key] = max(t - self.overhead[batch], 0.0)
         return self.cache[key]
 
+    def _time_layers(self, layers: dict[str, tuple], desc: str) -> None:
+        """Time (or find cached) every layer of ``layers`` at every batch size, with a progress bar."""
+        from ..progress import Progress
+
+        bar = Progress(len(layers) * len(self.batch_sizes), f"{desc} in {self.runtime}")
+        for b in self.batch_sizes:
+            for c, s, m in layers.values():
+                self.layer_seconds(c, s, m, b)
+                bar.update()
+        bar.close()
+
     def features(self, candidate: nn.Module) -> dict[int, tuple[float, int]]:
         """Per batch size: (summed layer seconds, timed layers) of ``candidate`` minus the original's."""
         layers = self.layers(candidate)
@@ -177,9 +189,16 @@ class RuntimeLatencyTable:
         """
         import numpy as np
 
+        from ..progress import Progress
+
         feats = [self.features(m) for m in anchors]
-        measured = [measured_ratios(model, m, self.example, self.runtime, self.batch_sizes, self.threads, repeats)
-                    for m in anchors]
+        bar = Progress(len(anchors), f"latency table: policies timed whole in {self.runtime}")
+        measured = []
+        for m in anchors:
+            measured.append(measured_ratios(model, m, self.example, self.runtime, self.batch_sizes, self.threads,
+                                            repeats))
+            bar.update()
+        bar.close()
         for b in self.batch_sizes:
             y = np.array([(r[b] - 1.0) * self.reference[b] for r in measured])
             x = np.array([f[b] for f in feats], dtype=float)
