@@ -264,8 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
 # Compression families bring their own arguments and command function: (module, add_args, run, help).
 PLUGIN_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "compress": ("slimkit.compress.cli", "add_compress_args", "cli_compress",
-                 "one command to a target (latency=F, size=F, macs=F): plan, search, KD, int8 or Deep Compression, "
-                 "export + verify, report.html; or run a recipe (--recipe)"),
+                 "one command to a target (latency=F, size=F, macs=F): plan, search (or decomposition), KD, int8 or "
+                 "Deep Compression, export + verify, report.html; or run a recipe (--recipe)"),
     "distill": ("slimkit.distill.cli", "add_distill_args", "cli_distill",
                 "train a student from a teacher (KD, AT, FitNets, FSP, FT, ONE, Moonshine, MUNGE)"),
     "prune": ("slimkit.prune.cli", "add_prune_args", "cli_prune",

@@ -172,6 +172,43 @@ def test_cli_bad_input_is_one_line_and_status_2(trained, tmp_path, args, message
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 
+def test_a_macs_target_pilots_pruned_and_decomposed_and_continues_the_better_on_validation(trained, tmp_path):
+    model, data, _ = trained
+    out = str(tmp_path / "macs")
+    cfg = CompressConfig(target="macs=0.5", runtime="eager", batch_sizes=(8,), trials=4, finetune_epochs=2,
+                         max_drop=100)
+    report = compress(model, "digits", cfg, out, data=data, log=quiet, progress=False)
+    plan = report["plan"]
+    assert plan["steps"][:4] == ["search", "decompose", "choose", "finetune"] and "decomposition" in plan["families"]
+    state = json.load(open(os.path.join(out, "compress.json")))["steps"]
+    rows = state["choose"]["candidates"]
+    assert set(rows) == {"search", "decompose"} and all(r["pilot_epochs"] == 1 for r in rows.values())
+    best = max(rows, key=lambda n: (rows[n]["val_top1"], -rows[n]["macs_ratio"]))
+    assert state["choose"]["chosen"] == best
+    assert state["finetune"]["epochs"] == 1  # the pilot epoch counts towards the two planned
+    assert report["cards"]["after"]["macs"] <= 0.5 * report["cards"]["before"]["macs"]
+    final = slimkit.load(os.path.join(out, "model.safetensors"))
+    decomposed = [r["name"] for r in report["layers"] if "rank" in r]
+    sequences = [n for n, m in final.named_modules() if isinstance(m, torch.nn.Sequential)
+                 and n in state["decompose"]["chosen"]["ranks"]]
+    if best == "decompose":
+        assert decomposed and sorted(decomposed) == sorted(sequences)
+        row = next(r for r in report["layers"] if "rank" in r)
+        assert row["channels_after"] == row["channels_before"] and 0 < row["macs_after"] < row["macs_before"]
+    else:
+        assert not decomposed and not sequences
+    # a crafted state naming another candidate is ignored: the step only loads the two it knows
+    path = os.path.join(out, "compress.json")
+    raw = json.load(open(path))
+    raw["steps"]["choose"] = {"candidates": {"../../elsewhere": {"val_top1": 2.0, "macs_ratio": 0.1}}}
+    for name in ("finetune", "quantize", "export", "measure"):
+        raw["steps"].pop(name)
+    json.dump(raw, open(path, "w"))
+    again = compress(model, "digits", cfg, out, data=data, log=quiet, progress=False)
+    assert json.load(open(path))["steps"]["choose"]["chosen"] == best
+    assert again["cards"]["after"]["macs"] == report["cards"]["after"]["macs"]
+
+
 def _checkpoint_written(out: str) -> bool:
     folder = os.path.join(out, "steps", "finetune")
     return os.path.isdir(folder) and any(f.endswith(".pt") or "checkpoint" in f

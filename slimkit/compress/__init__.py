@@ -91,7 +91,8 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
             job.save_state()
         plan = state["plan"]
         log(plan_text(plan))
-        run = {"search": steps.step_search, "finetune": steps.step_finetune, "quantize": steps.step_quantize,
+        run = {"search": steps.step_search, "decompose": steps.step_decompose, "choose": steps.step_choose,
+               "finetune": steps.step_finetune, "quantize": steps.step_quantize,
                "sparsity": steps.step_sparsity, "sparsify": steps.step_sparsify, "share": steps.step_share,
                "pack": steps.step_pack, "export": _step_export, "measure": _step_measure}
         work = [s for s in plan["steps"] if s != "report"]
@@ -153,7 +154,7 @@ def _step_measure(job, plan: dict) -> dict:
              "float_layers": len(float_nodes) if int8 else len(convs)}
     runtimes = list(dict.fromkeys([c.runtime, "eager"]))
     after["latency"], warnings = latency(job.model, final, job.example, runtimes, c.batch_sizes, job.threads, job.log)
-    if c.kind != "size":  # what the channel graph could not follow stayed whole: say so by layer
+    if job.pruned():  # what the channel graph could not follow stayed whole: say so by layer
         import warnings as _warnings
 
         from ..prune import build_graph

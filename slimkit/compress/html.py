@@ -105,7 +105,7 @@ def tradeoff_plot(points: list[dict], x: str) -> str | None:
 
 
 def layers_plot(rows: list[dict]) -> str | None:
-    """Per-layer bars: MACs and measured latency before/after, kept channel fraction and bits."""
+    """Per-layer bars: MACs and measured latency before/after, kept channel fraction (or rank) and bits."""
     if not rows:
         return None
     from ..report import _pyplot
@@ -122,8 +122,10 @@ def layers_plot(rows: list[dict]) -> str | None:
     axes[1].bar([i - w / 2 for i in idx], [r["latency_before_ms"] for r in rows], w, color="tab:blue")
     axes[1].bar([i + w / 2 for i in idx], [r["latency_after_ms"] for r in rows], w, color="tab:green")
     axes[1].set_ylabel("latency (ms, bs1, eager)")
-    axes[2].bar(idx, [r["kept"] for r in rows], color="tab:orange")
-    axes[2].set_ylabel("kept channels")
+    # a decomposed layer keeps its channels: its bar is the rank (the core's width over the layer's), in another colour
+    axes[2].bar(idx, [r.get("rank_fraction", r["kept"]) for r in rows],
+                color=["tab:red" if "rank" in r else "tab:orange" for r in rows])
+    axes[2].set_ylabel("kept channels\n(red: rank)" if any("rank" in r for r in rows) else "kept channels")
     axes[2].set_ylim(0, 1.05)
     axes[3].bar(idx, [r["bits"] for r in rows], color="tab:purple")
     axes[3].set_ylabel("weight bits")
@@ -215,7 +217,8 @@ def render(report: dict) -> str:
     if uri:
         parts.append(f"<figure><img alt='per-layer bars' src='{uri}'><figcaption>Conv and linear layers in execution "
                      "order: MACs and measured latency (eager, batch 1) before (blue) and after (green), the fraction "
-                     "of output channels kept, and the bits each layer's weights are stored in.</figcaption></figure>")
+                     "of output channels kept (for a decomposed layer, in red, its rank over its width), and the "
+                     "bits each layer's weights are stored in.</figcaption></figure>")
     parts.append("</section>")
     warnings = report.get("warnings", [])
     parts.append("<section id='warnings'><h2>Warnings</h2>" + ("<ul class='warn'>" + "".join(

@@ -70,6 +70,10 @@ class Job:
             return load(self.path("search", "model.safetensors")).eval()
         return load(self.path("steps", f"{name}.safetensors")).eval()
 
+    def pruned(self) -> bool:
+        """Whether the result comes from the pruning search (for a MACs target the decomposed model may win)."""
+        return self.config.kind != "size" and self.state["steps"].get("choose", {}).get("chosen", "search") == "search"
+
     def result_step(self) -> str:
         """The step whose model is the result: int8 when it was kept, else the float model before it."""
         if self.config.kind == "size":
@@ -172,14 +176,80 @@ def step_search(job: Job, plan: dict) -> dict:
     return out | {k: rec[k] for k in ("relaxed_to", "warning") if k in rec}
 
 
+def step_decompose(job: Job, plan: dict) -> dict:
+    """Tucker-2 (Kim et al., ICLR 2016) with ranks allocated to the MAC budget, re-fitted layer by layer on training
+    batches to the original's outputs: the other candidate of a MACs target. A budget decomposition cannot reach
+    leaves it out (the record says why) and the pruned model goes on alone."""
+    from ..artifact import history
+    from ..decompose import DecomposeConfig, decompose
+    from ..train import evaluate
+
+    cfg = DecomposeConfig(decompose="tucker", target_macs=job.config.fraction, procedure="sequential")
+    try:
+        r = decompose(job.model, job.example, cfg, loader=job.data.loader("train", 64, seed=job.config.seed),
+                      seed=job.config.seed)
+    except SlimkitError as e:
+        job.log(f"decomposition left out: {e}")
+        return {"skipped": str(e)}
+    top1 = evaluate(r.model, job.data.loader("test", 256))["top1"]
+    macs_ratio = r.macs_after / r.macs_before
+    history(r.model).append({"stage": "decompose", "params": cfg.to_dict(),
+                             "metrics": {"test_top1": top1, "macs_ratio": macs_ratio}})
+    job.save(r.model, "decompose")
+    return {"chosen": {"method": "tucker", "ranks": {x["name"]: x["rank"] for x in r.layers}},
+            "metrics": {"test_top1": top1, "macs_ratio": macs_ratio}, "left_whole": r.skipped}
+
+
+CANDIDATES = ("search", "decompose")  # the pruned and the decomposed model of a MACs target
+
+
+def step_choose(job: Job, plan: dict) -> dict:
+    """Pruned or decomposed: each candidate gets the same KD pilot from the original (``plan["pilot_epochs"]``);
+    the one with the better validation top-1 is kept (as ``steps/choose``) and the fine-tune continues it.
+
+    Validation is the split carved from train, never the test split the report's accuracy is measured on.
+    """
+    from ..artifact import history
+    from ..pipeline import recover
+    from ..prune.sensitivity import held_out_loader
+    from ..train import evaluate
+
+    c, rec = job.config, job.step("choose")
+    epochs = plan["pilot_epochs"]
+    val = held_out_loader(job.data, 256, c.seed)
+    # names only from CANDIDATES: a crafted compress.json cannot make the job load another file
+    rows = rec["candidates"] = {n: r for n, r in (rec.get("candidates") or {}).items() if n in CANDIDATES}
+    for name in CANDIDATES:
+        if name not in plan["steps"] or job.state["steps"].get(name, {}).get("skipped") or name in rows:
+            continue
+        model = job.saved(name)
+        if epochs:
+            model = recover(model, job.context(f"pilot-{name}"), kd_config(epochs, c.lr), job.model).eval()
+        rows[name] = {"val_top1": evaluate(model, val)["top1"], "pilot_epochs": epochs,
+                      "macs_ratio": job.state["steps"][name]["metrics"]["macs_ratio"]}
+        history(model).append({"stage": "pilot", "params": {"epochs": epochs, "lr": c.lr, "distill": "kd"},
+                               "metrics": {"val_top1": rows[name]["val_top1"]}})
+        job.save(model, f"pilot-{name}")
+        job.save_state()  # a killed job does not pilot this candidate again
+    best = max(rows, key=lambda n: (rows[n]["val_top1"], -rows[n]["macs_ratio"]))
+    job.log("chosen: " + ", ".join(f"{'pruned' if n == 'search' else 'decomposed'} {r['val_top1']:.4f}"
+                                   for n, r in rows.items()) + f" validation top-1 -> {best}")
+    model = job.saved(f"pilot-{best}")
+    job.save(model, "choose")
+    return {"chosen": best, "candidates": rows,
+            "metrics": {"macs_ratio": rows[best]["macs_ratio"]}}
+
+
 def step_finetune(job: Job, plan: dict) -> dict:
-    """KD fine-tune of the searched model from the original, checkpointed every epoch."""
+    """KD fine-tune from the original of the searched (or, for a MACs target, the chosen) model, checkpointed every
+    epoch; the chosen model's pilot epochs count towards the planned epochs."""
     from ..artifact import history
     from ..pipeline import recover
     from ..train import evaluate
 
-    model = job.saved("search")
-    epochs = plan["finetune_epochs"]
+    chosen = "choose" in plan["steps"]
+    model = job.saved("choose" if chosen else "search")
+    epochs = plan["finetune_epochs"] - (plan.get("pilot_epochs", 0) if chosen else 0)
     if epochs:
         model = recover(model, job.context("finetune"), kd_config(epochs, job.config.lr), job.model).eval()
     top1 = evaluate(model, job.data.loader("test", 256))["top1"]

@@ -64,12 +64,13 @@ def latency(original: nn.Module, final: nn.Module, example: torch.Tensor, runtim
 
 def layers(original: nn.Module, final_float: nn.Module, example: torch.Tensor, bits: dict[str, int]) -> list[dict]:
     """Per conv/linear layer of the original: MACs before/after, eager latency before/after at batch 1, kept output
-    channels and the bits its weights are stored in (32 float, 8 int8, or a codebook's)."""
+    channels, the bits its weights are stored in (32 float, 8 int8, or a codebook's) and, where it was decomposed
+    into a sequence of smaller layers, their inner widths (``rank``) with the sequence's MACs and time summed."""
     from ..profile import profile
     from ..report import layer_latency
 
     before = {r.name: r for r in profile(original, example).layers}
-    after = {r.name: r for r in profile(final_float, example).layers}
+    after = {r.name: r.macs for r in profile(final_float, example).layers}
     t0, t1 = layer_latency(original, example), layer_latency(final_float, example)
     modules = dict(final_float.named_modules())
     rows = []
@@ -77,14 +78,24 @@ def layers(original: nn.Module, final_float: nn.Module, example: torch.Tensor, b
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or name not in before:
             continue
         now = modules.get(name)
+        parts = [] if now is None or isinstance(now, (nn.Conv2d, nn.Linear)) else \
+            [x for x in now.modules() if isinstance(x, (nn.Conv2d, nn.Linear))]
+        last = parts[-1] if parts else now
         width0 = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        width1 = (now.out_channels if isinstance(now, nn.Conv2d) else now.out_features
-                  if isinstance(now, nn.Linear) else 0)
-        rows.append({"name": name, "type": type(m).__name__, "macs_before": before[name].macs,
-                     "macs_after": after[name].macs if name in after else 0,
-                     "latency_before_ms": t0.get(name, 0.0), "latency_after_ms": t1.get(name, 0.0),
-                     "channels_before": width0, "channels_after": width1, "kept": width1 / width0 if width0 else 0,
-                     "bits": bits.get(name, 32) if now is not None else 0})
+        width1 = (last.out_channels if isinstance(last, nn.Conv2d) else last.out_features
+                  if isinstance(last, nn.Linear) else 0)
+
+        def summed(table: dict, name: str = name) -> float:
+            return table.get(name, 0) + sum(v for k, v in table.items() if k.startswith(name + "."))
+
+        row = {"name": name, "type": type(m).__name__, "macs_before": before[name].macs, "macs_after": summed(after),
+               "latency_before_ms": t0.get(name, 0.0), "latency_after_ms": summed(t1),
+               "channels_before": width0, "channels_after": width1, "kept": width1 / width0 if width0 else 0,
+               "bits": bits.get(name, 32) if now is not None else 0}
+        if parts:
+            row["rank"] = [p.out_channels if isinstance(p, nn.Conv2d) else p.out_features for p in parts[:-1]]
+            row["rank_fraction"] = row["rank"][-1] / width0 if width0 else 0  # the core's width over the layer's
+        rows.append(row)
     return rows
 
 

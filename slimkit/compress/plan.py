@@ -4,8 +4,11 @@
   candidate's latency taken from a per-layer table measured on that runtime and the finalists
   timed whole; a KD fine-tune from the original; int8 when that runtime runs it measurably faster
   and accuracy holds; export and verification in the runtime.
-* ``macs``: the same search under a MAC budget (counted, so no timing) and the KD fine-tune; int8
-  does not change MACs, so it is not applied.
+* ``macs``: the same search under a MAC budget (counted, so no timing), and beside it low-rank
+  decomposition (Tucker-2, Kim et al. 2016) with ranks allocated to the same budget and re-fitted
+  layer by layer; both get the same short KD pilot and the better on validation is fine-tuned with
+  KD (on thin CIFAR ResNets decomposition keeps more accuracy at half the MACs, pruning is what runs
+  faster: docs/decompose.md). int8 does not change MACs, so it is not applied.
 * ``size``: Deep Compression (Han et al., ICLR 2016): global magnitude sparsity and per-layer k-means
   weight sharing, each retrained with KD, stored as a packed file (sparse indices, codebooks,
   Huffman); the sparsity and bits are chosen by packing candidates for real and keeping the one
@@ -31,6 +34,7 @@ FINETUNE_SHARE = 0.5
 SIZE_FINETUNE_SHARE = 0.75  # a size target has no search: the sparse and shared retraining get most of it
 SPARSE_EPOCH_SHARE = 0.7  # of a size target's epochs, the sparse retrain; the centroid retrain gets the rest
 MAX_EPOCHS = 40
+PILOT_EPOCHS = 1  # of a MACs target's fine-tune: each candidate (pruned, decomposed) gets this many before the choice
 
 
 def epoch_seconds(model: nn.Module, data, batch_size: int = 128, steps: int = 3) -> float:
@@ -140,7 +144,18 @@ def make_plan(model: nn.Module, config: CompressConfig, example: torch.Tensor, d
     elif kind == "latency":
         why.append(f"no int8: {'--quantize never' if config.quantize == 'never' else config.runtime} "
                    + ("was asked" if config.quantize == "never" else "has no int8 path in slimkit"))
-    plan.update(families=families, steps=["search", "finetune", "quantize", "export", "measure", "report"],
+    steps = ["search", "finetune", "quantize", "export", "measure", "report"]
+    pilot = 0
+    if kind == "macs":
+        pilot = min(PILOT_EPOCHS, epochs)
+        families.insert(-1, "decomposition")
+        steps[1:1] = ["decompose", "choose"]
+        why.insert(1, "beside the search, low-rank decomposition (Tucker-2, Kim et al. 2016) with ranks allocated to "
+                      f"{fraction:g} of the MACs and re-fitted layer by layer; "
+                      + (f"both get the same {pilot}-epoch KD pilot and the better on validation continues"
+                         if pilot else "the better on validation before any fine-tune continues")
+                      + " (decomposition often keeps more accuracy per MAC; pruning is what runs faster)")
+    plan.update(families=families, steps=steps, pilot_epochs=pilot,
                 search_seconds=None if config.trials else search_s, trials=config.trials,
                 search_fraction=search_fraction,
                 int8_ratios=None if ratios is None else {str(b): r for b, r in ratios.items()},
