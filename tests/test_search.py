@@ -233,6 +233,42 @@ def test_mac_budget_search_is_reproducible_and_within_budget(digits_model, tmp_p
     assert os.path.getsize(runs[0]["plot"]) > 1000
 
 
+def test_the_rank_space_decomposes_kxk_convs_and_the_search_weighs_it_against_channels(digits_model, tmp_path):
+    from slimkit.search import PruningSpace
+
+    model, data = digits_model
+    x = torch.randn(4, 1, 8, 8)
+    space = PruningSpace(model, torch.zeros(1, 1, 8, 8), blocks=False, channels=False, ranks=True).build()
+    assert space.dimensions and all(d.name.startswith("rank:") for d in space.dimensions)
+    with torch.no_grad():  # rank 1 everywhere is the model itself
+        assert torch.equal(space.apply(space.uniform(1.0))(x), model(x))
+    name = next(n for n, m in model.named_modules()
+                if n in space.rank_layers and min(m.in_channels, m.out_channels) >= 8)
+    conv = model.get_submodule(name)
+    split = space.apply({space.rank_layers[name]: 0.5}).get_submodule(name)
+    assert isinstance(split, torch.nn.Sequential)  # 1x1 -> kxk -> 1x1 at half the widths
+    assert [m.out_channels for m in split] == [round(conv.in_channels / 2), round(conv.out_channels / 2),
+                                               conv.out_channels]
+    assert split[1].kernel_size == conv.kernel_size and split[1].stride == conv.stride
+    stem = next((n for n, m in model.named_modules() if n in space.rank_layers and m.in_channels == 1), None)
+    if stem is not None:  # 1x1 1->1, 3x3 1->12, 1x1 12->16 has more parameters than 3x3 1->16: not made
+        assert isinstance(space.apply({space.rank_layers[stem]: 0.75}).get_submodule(stem), torch.nn.Conv2d)
+    rebuilt = PruningSpace.from_description(model, torch.zeros(1, 1, 8, 8), space.describe())
+    assert rebuilt.rank_layers == space.rank_layers
+    # searched together with channels under a MAC budget: the result meets it and loads as an artifact
+    cfg = SearchConfig(target_macs=0.6, space=("prune", "rank"), trials=6, calib_batches=1, val_batches=1,
+                       quantize="never")
+    r = search(model, "digits", cfg, str(tmp_path), limit=300, data=data, log=quiet)
+    assert any(k.startswith("rank:") for k in r["chosen"]["policy"])
+    assert r["final"]["macs_ratio"] <= 0.6
+    art = slimkit.load(r["artifact"])
+    decomposed = {n for n, v in r["chosen"]["policy"].items() if n.startswith("rank:") and v < 1}
+    split_layers = {n for n, m in art.named_modules() if isinstance(m, torch.nn.Sequential) and f"rank:{n}" in
+                    decomposed}
+    assert split_layers <= {n[len("rank:"):] for n in decomposed}
+    assert art(x).shape == (4, 10)
+
+
 def test_latency_budget_is_met_as_measured(digits_model, tmp_path):
     model, data = digits_model
     torch.set_num_threads(1)

@@ -126,7 +126,8 @@ def _candidate_ranks(method: Decomposition, module: nn.Module, ceiling, round_to
                                                          -round_to)) + [1]))
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in ``model`` where the module called ``name`` is (its parent's child of that name)."""
     parent, _, child = name.rpartition(".")
     model.get_submodule(parent)._modules[child] = new
 
@@ -268,7 +269,7 @@ def decompose(model: nn.Module, example_input: torch.Tensor, config: DecomposeCo
                         "rank": list(chosen[n]) if isinstance(chosen[n], tuple) else chosen[n],
                         "macs_before": macs0, "macs_after": macs1, "params_before": params0, "params_after": params1,
                         "error_estimate": method.error(m, chosen[n], x)})
-        _set_module(work, n, new)
+        set_module(work, n, new)
     with torch.no_grad():
         after = profile(work, example_input)
     work.train(was)

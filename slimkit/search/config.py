@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import MethodConfig, option
 from .study import SAMPLERS
 
-SPACES = ("prune", "blocks")
+SPACES = ("prune", "blocks", "rank")
 RUNTIMES = ("eager", "torchscript", "compile", "onnxruntime", "openvino")
 
 
@@ -52,8 +52,9 @@ class SearchConfig(MethodConfig):
                                           "a larger loss is reported", low=0, high=1)
     trials: int = option(100, "trials in the study (all workers together)", low=1)
     time_budget: str | None = option(None, "stop the search after this long (2h, 30m, 90s), whatever the trials")
-    space: tuple[str, ...] = option(SPACES, "what is searched: prune (channel keep ratios), blocks (residual blocks "
-                                            "to remove)", choices=SPACES)
+    space: tuple[str, ...] = option(("prune", "blocks"), "what is searched: prune (channel keep ratios), blocks "
+                                                        "(residual blocks to remove), rank (Tucker-2 decomposition "
+                                                        "rank per kxk conv, 1 = whole)", choices=SPACES)
     granularity: str = option("auto", "fine: a ratio per channel group; coarse: per stage; auto: fine up to 24 "
                                       "groups", choices=("auto", "fine", "coarse"))
     criterion: str = option("group_l1", "channel importance that decides which channels a ratio removes")

@@ -62,12 +62,14 @@ def prepare(model: nn.Module, data, config: SearchConfig, out_dir: str, *, data_
     original = save(model, os.path.join(out_dir, ORIGINAL), meta={"input_size": list(input_size)})
     space = PruningSpace(model, example, criterion=config.criterion, round_to=config.round_to,
                          granularity=config.granularity, blocks="blocks" in config.space,
-                         channels="prune" in config.space)
+                         channels="prune" in config.space, ranks="rank" in config.space)
     t0 = time.perf_counter()
     space.build(held_out_loader(data, 256, config.seed), batches=2)
-    log(f"search space: {len(space.dimensions)} dimensions ({sum(d.kind == 'float' for d in space.dimensions)} "
-        f"keep ratios, {sum(d.kind == 'int' for d in space.dimensions)} block counts) in "
-        f"{time.perf_counter() - t0:.1f}s")
+    kinds = [d.name.split(":")[0] for d in space.dimensions]
+    log(f"search space: {len(space.dimensions)} dimensions ({kinds.count('keep')} keep ratios, "
+        f"{kinds.count('blocks')} block counts"
+        + (f", {kinds.count('rank')} decomposition ranks" if space.ranks else "")
+        + f") in {time.perf_counter() - t0:.1f}s")
     table = None
     table_path = os.path.join(out_dir, TABLE)
     if config.target_latency is not None and config.latency_model == "table":
@@ -121,7 +123,10 @@ def calibrate(problem: PruningProblem, model: nn.Module, log: Callable[[str], No
     space = problem.space
     most = max((int(d.high) for d in space.dimensions if d.kind == "int"), default=0)
     policies = []
-    for p in (space.smallest(), space.uniform(0.5, 0), space.uniform(1.0, most), space.uniform(0.75, most // 2)):
+    extremes = [space.smallest(), space.uniform(0.5, 0), space.uniform(1.0, most), space.uniform(0.75, most // 2)]
+    if space.rank_layers:  # decomposed layers add timed layers: the fit needs a policy that has them
+        extremes.append(space.uniform(1.0, 0, rank=0.5))
+    for p in extremes:
         if p not in policies and p != space.uniform(1.0, 0):
             policies.append(p)
     t0 = time.perf_counter()

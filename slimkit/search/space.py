@@ -1,14 +1,22 @@
 """What a compression policy is, how Optuna proposes one, and how it becomes a model.
 
-A :class:`Dimension` is one searched number (a channel keep ratio, how many blocks of a stage go);
+A :class:`Dimension` is one searched number (a channel keep ratio, how many blocks of a stage go,
+a decomposition rank);
 a policy is ``{dimension name: value}``. :class:`PruningSpace` derives the dimensions from the
 model itself: every channel group of its dependency graph (:mod:`slimkit.prune.graph`) gets a keep
 ratio ("fine"), or one ratio per stage for inner and trunk channels ("coarse", chosen when the
 model has more groups than ``FINE_LIMIT``: fewer dimensions for the sampler to learn); each stage
 of removable residual blocks gets a count, the blocks removed in the order of a one-pass score on
 held-out data (loss increase per MAC saved, as :func:`slimkit.prune.prune_blocks` ranks them).
+With ``ranks``, every kxk convolution Tucker-2 can split (Kim et al., ICLR 2016) gets a rank
+fraction (per layer, or per stage past ``FINE_LIMIT``): 1.0 leaves it whole, F < 1 replaces it by
+1x1 -> kxk -> 1x1 convs whose inner widths are F of its output and input channels.
 :meth:`PruningSpace.apply` builds the candidate: blocks removed, then channels cut by the
-criterion to the policy's ratios (:func:`slimkit.prune.prune` with ``ratios``).
+criterion to the policy's ratios (:func:`slimkit.prune.prune` with ``ratios``), then the layers
+whose rank fraction is below 1 decomposed at those ranks of their pruned widths (left whole when
+that would not have fewer parameters). The candidate is judged as any other: its batch norms
+re-estimated, its accuracy proxy, MACs and latency measured, so the search weighs cutting channels
+against splitting layers on the same budget.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from ..errors import SlimkitError
 
 FINE_LIMIT = 24  # more groups than this: one ratio per stage
 KEEP_LOW, KEEP_STEP = 0.25, 0.125
+RANK_ITERATIONS = 10  # Tucker's ALS iterations per layer of a candidate: from the SVD start a few suffice
 
 
 @dataclass(frozen=True)
@@ -65,8 +74,10 @@ class PruningSpace:
     granularity: str = "auto"  # "fine", "coarse" or "auto"
     blocks: bool = True
     channels: bool = True
+    ranks: bool = False
     block_order: dict[str, list] = field(default_factory=dict)  # stage -> blocks, least useful first
     groups: dict[str, str] = field(default_factory=dict)  # producer layer -> its dimension
+    rank_layers: dict[str, str] = field(default_factory=dict)  # decomposable conv -> its rank dimension
     dimensions: list[Dimension] = field(default_factory=list)
 
     def build(self, held_out: Iterable | None = None, batches: int = 2,
@@ -112,16 +123,26 @@ class PruningSpace:
                 # keep at least one removable block per stage: a stage of shortcuts alone learns nothing
                 if len(blocks) > 1:
                     self.dimensions.append(Dimension(f"blocks:{stage}", "int", 0, len(blocks) - 1))
+        if self.ranks:
+            from ..decompose.methods import applies
+
+            convs = [n for n, m in self.model.named_modules()
+                     if isinstance(m, nn.Conv2d) and applies("tucker", m) is None]
+            fine = self.granularity == "fine" or (self.granularity == "auto" and len(convs) <= FINE_LIMIT)
+            self.rank_layers = {n: f"rank:{n}" if fine else f"rank:{_stage(n)}" for n in convs}
+            for dim in dict.fromkeys(self.rank_layers.values()):
+                self.dimensions.append(Dimension(dim, "float", KEEP_LOW, 1.0, KEEP_STEP))
         if not self.dimensions:
             raise SlimkitError("search: nothing to search in this model (no prunable channel group, no removable "
-                               "residual block)")
+                               "residual block" + (", no kxk convolution to decompose" if self.ranks else "") + ")")
         return self
 
     @classmethod
     def from_description(cls, model: nn.Module, example: torch.Tensor, desc: dict) -> "PruningSpace":
         """The space :meth:`describe` wrote, rebuilt on ``model`` (refused when the model gives other dimensions)."""
         space = cls(model, example, criterion=desc["criterion"], round_to=int(desc["round_to"]),
-                    granularity=desc["granularity"], blocks=bool(desc["blocks"]), channels=bool(desc["channels"]))
+                    granularity=desc["granularity"], blocks=bool(desc["blocks"]), channels=bool(desc["channels"]),
+                    ranks=bool(desc.get("ranks", False)))
         space.build(order=desc["block_order"])
         if space.describe()["dimensions"] != [list(d) for d in desc["dimensions"]]:
             raise SlimkitError("search: this model does not give the described search space (its dimensions differ)")
@@ -130,16 +151,21 @@ class PruningSpace:
     def describe(self) -> dict:
         """What a worker needs to rebuild this space exactly (JSON): dimensions, groups and block order."""
         return {"criterion": self.criterion, "round_to": self.round_to, "granularity": self.granularity,
-                "blocks": self.blocks, "channels": self.channels,
+                "blocks": self.blocks, "channels": self.channels, **({"ranks": True} if self.ranks else {}),
                 "dimensions": [[d.name, d.kind, d.low, d.high, d.step] for d in self.dimensions],
                 "block_order": {stage: [b.name for b in blocks] for stage, blocks in self.block_order.items()}}
 
     def suggest(self, trial) -> dict:
         return {d.name: d.suggest(trial) for d in self.dimensions}
 
-    def uniform(self, keep: float, blocks: int = 0) -> dict:
-        """The policy keeping ``keep`` of every group's channels and removing ``blocks`` blocks per stage."""
-        return {d.name: d.clip(keep if d.kind == "float" else blocks) for d in self.dimensions}
+    def uniform(self, keep: float, blocks: int = 0, rank: float | None = None) -> dict:
+        """The policy keeping ``keep`` of every group's channels, removing ``blocks`` blocks per stage and
+        decomposing at ``rank`` (default: whole when channels are searched too, so "uniform" stays the plain
+        pruning control; ``keep`` when ranks are all there is)."""
+        rank = rank if rank is not None else (1.0 if self.groups else keep)
+        ranks = set(self.rank_layers.values())
+        return {d.name: d.clip(blocks if d.kind == "int" else rank if d.name in ranks else keep)
+                for d in self.dimensions}
 
     def smallest(self) -> dict:
         """The policy that removes the most this space allows (every ratio at its floor, every removable block)."""
@@ -164,7 +190,28 @@ class PruningSpace:
         if ratios:
             config = PruneConfig(criterion=self.criterion, ratios=ratios, round_to=self.round_to)
             work = prune(work, self.example, config, inplace=True).model
+        ranks = {n: float(policy[dim]) for n, dim in self.rank_layers.items()
+                 if dim in policy and policy[dim] < 1.0 and not any(n.startswith(g + ".") for g in gone)}
+        if ranks:
+            _decompose(work, ranks)
         return work.eval()
+
+
+def _decompose(model: nn.Module, fractions: dict[str, float]) -> None:
+    """Tucker-2 each named conv of ``model`` in place at ``fraction`` of its (pruned) output and input widths, unless
+    that would not have fewer parameters than the layer itself."""
+    from ..decompose import set_module
+    from ..decompose.methods import DECOMPOSITIONS
+
+    tucker = DECOMPOSITIONS.get("tucker")
+    modules = dict(model.named_modules())
+    for name, f in fractions.items():
+        m = modules[name]
+        o, c, kh, kw = m.weight.shape
+        r = (max(1, round(f * o)), max(1, round(f * c)))
+        if c * r[1] + r[1] * r[0] * kh * kw + r[0] * o >= o * c * kh * kw:
+            continue
+        set_module(model, name, tucker.build(m, r, None, {"iterations": RANK_ITERATIONS, "seed": 0}))
 
 
 def _block_scores(model: nn.Module, example: torch.Tensor, blocks: list, held_out: Iterable, batches: int) -> dict:
