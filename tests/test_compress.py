@@ -177,7 +177,11 @@ def test_a_macs_target_pilots_pruned_and_decomposed_and_continues_the_better_on_
     out = str(tmp_path / "macs")
     cfg = CompressConfig(target="macs=0.5", runtime="eager", batch_sizes=(8,), trials=4, finetune_epochs=2,
                          max_drop=100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     report = compress(model, "digits", cfg, out, data=data, log=quiet, progress=False)
+    # the caller's model is left untouched: same weights, still trainable (the job's KD teacher is a copy)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
     plan = report["plan"]
     assert plan["steps"][:4] == ["search", "decompose", "choose", "finetune"] and "decomposition" in plan["families"]
     state = json.load(open(os.path.join(out, "compress.json")))["steps"]

@@ -19,6 +19,7 @@ still written, and :class:`~slimkit.errors.SlimkitError` says how close it got.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -79,7 +80,8 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
 
     t_start = time.time()
     data = data if data is not None else load_data(data_spec, limit=limit, seed=config.seed)
-    model = model.cpu().eval()
+    # a copy: the KD steps freeze their teacher (this model), and the caller's model is to be left untouched
+    model = copy.deepcopy(model).cpu().eval().requires_grad_(True)
     check_input(model, next(iter(data.loader("test", 2)))[0], data.info.num_classes, f"dataset {data_spec}")
     os.makedirs(out_dir, exist_ok=True)
     state = steps.open_state(out_dir, model_digest(model), config, data_spec, limit)

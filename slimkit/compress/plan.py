@@ -40,7 +40,7 @@ PILOT_EPOCHS = 1  # of a MACs target's fine-tune: each candidate (pruned, decomp
 def epoch_seconds(model: nn.Module, data, batch_size: int = 128, steps: int = 3) -> float:
     """Seconds of one KD training epoch of ``model`` (teacher forward + student step), timed on a few batches."""
     loader = data.loader("train", batch_size, seed=0)
-    student = copy.deepcopy(model).train()
+    student = copy.deepcopy(model).train().requires_grad_(True)  # the model may be a frozen teacher elsewhere
     teacher = model.eval()
     opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
     times = []
