@@ -8,13 +8,14 @@ parameter budgets:
 * the space (:mod:`~slimkit.search.space`) comes from the model's dependency graph, fine (one ratio
   per channel group) or coarse (per stage) by its size;
 * a trial's accuracy is EagleEye's proxy and its latency comes from a per-layer table measured on
-  the runtime (:mod:`~slimkit.search.evaluate`); the finalists are measured whole (closed loop);
+  the runtime (:mod:`~slimkit.search.evaluate`), or is measured whole for a policy with int8
+  layers; the finalists are measured whole (closed loop);
 * Optuna runs the study (:mod:`~slimkit.search.study`): TPE with constraints by default, GP-based
   BO, NSGA-II or random; SQLite by default, PostgreSQL for workers on many machines, heartbeats
   and retries so a killed worker loses nothing (:mod:`~slimkit.search.worker`);
 * the chosen policy is applied, fine-tuned with KD from the original (data-parallel under
-  torchrun, :mod:`~slimkit.search.finetune`), quantized to int8 when the runtime gains from it,
-  exported and verified, and saved with the policy and a summary of the study in its provenance.
+  torchrun, :mod:`~slimkit.search.finetune`), quantized to int8 when the runtime gains from it
+  (or layer by layer as the policy says, with ``space`` ``bits``), exported and verified, and saved with the policy and a summary of the study in its provenance.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def finish(problem: PruningProblem, study, job: dict, model: nn.Module, out_dir:
     measure = None
     if c.target_latency is not None:
         def measure(policy):
-            return measured_ratio(model, problem.space.apply(policy), problem.example, c.runtime, c.batch_sizes,
+            return measured_ratio(model, problem.judged(policy), problem.example, c.runtime, c.batch_sizes,
                                   c.threads)
     chosen, finalists = choose(rows, measure, c.target_latency, c.finalists, log)
     key = cost_key(rows)
@@ -175,12 +176,23 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
     out["test_top1"] = out.get("test_top1_finetuned", out["test_top1_applied"])
     out["top1_drop"] = out["test_top1_original"] - out["test_top1"]
     float_model, quantized = final, None
-    if c.quantize != "never" and c.runtime != "compile":
+    if problem.space.bits:  # the policy says which layers run int8; calibrated as a whole-model int8 would be
+        if problem.space.quantized(chosen["policy"]):
+            from ..quant import calibration_loader
+
+            # BN statistics are already fresh: re-estimated above, or learnt by the fine-tune
+            quantized = problem.int8(final, chosen["policy"], calibration_loader(data, 512, 64, c.seed),
+                                     recalibrate=False)
+        out["int8"] = {"used": quantized is not None, "from": "policy",
+                       "keep_float": problem.space.keep_float(chosen["policy"], final)}
+        log("int8 from the policy: " + (f"{len(out['int8']['keep_float'])} layer(s) left in float"
+                                        if quantized is not None else "every layer float"))
+    elif c.quantize != "never" and c.runtime != "compile":
         quantized, out["int8"] = _maybe_int8(problem, final, log)
-        if quantized is not None:
-            final = quantized
-            out["test_top1"] = evaluate(final, test)["top1"]
-            out["top1_drop"] = out["test_top1_original"] - out["test_top1"]
+    if quantized is not None:
+        final = quantized
+        out["test_top1"] = evaluate(final, test)["top1"]
+        out["top1_drop"] = out["test_top1_original"] - out["test_top1"]
     p0, p1 = profile(model, problem.example), profile(float_model, problem.example)
     out.update({"macs_ratio": p1.macs / p0.macs, "params_ratio": p1.params / p0.params,
                 "bytes": file_bytes(final), "bytes_original": file_bytes(model),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import MethodConfig, option
 from .study import SAMPLERS
 
-SPACES = ("prune", "blocks", "rank")
+SPACES = ("prune", "blocks", "rank", "bits")
 RUNTIMES = ("eager", "torchscript", "compile", "onnxruntime", "openvino")
 
 
@@ -54,7 +54,9 @@ class SearchConfig(MethodConfig):
     time_budget: str | None = option(None, "stop the search after this long (2h, 30m, 90s), whatever the trials")
     space: tuple[str, ...] = option(("prune", "blocks"), "what is searched: prune (channel keep ratios), blocks "
                                                         "(residual blocks to remove), rank (Tucker-2 decomposition "
-                                                        "rank per kxk conv, 1 = whole)", choices=SPACES)
+                                                        "rank per kxk conv, 1 = whole), bits (int8 or float per "
+                                                        "conv/linear layer, timed whole on the runtime)",
+                                  choices=SPACES)
     granularity: str = option("auto", "fine: a ratio per channel group; coarse: per stage; auto: fine up to 24 "
                                       "groups", choices=("auto", "fine", "coarse"))
     criterion: str = option("group_l1", "channel importance that decides which channels a ratio removes")
@@ -77,7 +79,8 @@ class SearchConfig(MethodConfig):
     finetune_procs: int = option(1, "processes of the final fine-tune (data-parallel under torchrun, gloo)", low=1)
     lr: float = option(0.01, "learning rate of the final fine-tune", low=0, low_inclusive=False)
     quantize: str = option("auto", "int8 after the fine-tune: auto (when the runtime runs it faster and accuracy "
-                                   "holds), always, never", choices=("auto", "always", "never"))
+                                   "holds), always, never; with --space bits the policy decides, layer by layer",
+                           choices=("auto", "always", "never"))
 
     def validate(self) -> None:
         if not (self.target_latency or self.target_macs or self.target_params):
@@ -93,6 +96,12 @@ class SearchConfig(MethodConfig):
         if CRITERIA.get(self.criterion).needs_data:
             raise self.error("criterion", f"{self.criterion!r} needs training data for every candidate; the search "
                                           "ranks channels with a data-free criterion (l1, l2, group_l1, ...)")
+        if "bits" in self.space and self.target_latency is None:
+            raise self.error("space", "bits searches int8 per layer, which changes neither MACs nor parameters: it "
+                                      "needs a latency budget ({target_latency})")
+        if "bits" in self.space and self.runtime == "compile":
+            raise self.error("space", "bits needs a runtime that runs int8 kernels: eager, torchscript, onnxruntime "
+                                      "or openvino, not compile")
         for w in self.warm_start:
             if w not in ("uniform", "sensitivity", "depth") and not w.endswith(".json"):
                 raise self.error("warm_start", f"{w!r} is not uniform, sensitivity, depth or a results.json")

@@ -62,13 +62,15 @@ def prepare(model: nn.Module, data, config: SearchConfig, out_dir: str, *, data_
     original = save(model, os.path.join(out_dir, ORIGINAL), meta={"input_size": list(input_size)})
     space = PruningSpace(model, example, criterion=config.criterion, round_to=config.round_to,
                          granularity=config.granularity, blocks="blocks" in config.space,
-                         channels="prune" in config.space, ranks="rank" in config.space)
+                         channels="prune" in config.space, ranks="rank" in config.space,
+                         bits="bits" in config.space)
     t0 = time.perf_counter()
     space.build(held_out_loader(data, 256, config.seed), batches=2)
     kinds = [d.name.split(":")[0] for d in space.dimensions]
     log(f"search space: {len(space.dimensions)} dimensions ({kinds.count('keep')} keep ratios, "
         f"{kinds.count('blocks')} block counts"
         + (f", {kinds.count('rank')} decomposition ranks" if space.ranks else "")
+        + (f", {kinds.count('int8')} int8 flags" if space.bits else "")
         + f") in {time.perf_counter() - t0:.1f}s")
     table = None
     table_path = os.path.join(out_dir, TABLE)
@@ -154,6 +156,12 @@ def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Te
     c = problem.config
     smallest = problem.space.smallest()
     cand, costs = problem.measure(smallest)
+    if problem.space.bits and c.target_latency is not None and costs["latency_ratio"] > c.target_latency:
+        # int8 is not faster everywhere (small layers pay for their quantize and dequantize): try all float too
+        floats = {**smallest, **{d.name: 0 for d in problem.space.dimensions if d.kind == "flag"}}
+        alt = problem.measure(floats)
+        if alt[1]["latency_ratio"] < costs["latency_ratio"]:
+            cand, costs = alt
     misses = []
     reached = {"macs": costs["macs_ratio"], "params": costs["params_ratio"]}
     if c.target_macs is not None and costs["macs_ratio"] > c.target_macs:
@@ -171,8 +179,9 @@ def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Te
                           f"(batch sizes {', '.join(map(str, c.batch_sizes))}, {c.threads} thread(s))")
     if misses:
         raise OutOfReach("search: " + "; ".join(misses) + " (widen --space or relax the budget)", reached)
+    how = "measured" if "int8_layers" in costs or c.latency_model == "measure" else "predicted"
     log(f"smallest policy of the space: {costs['macs_ratio']:.3f}x MACs"
-        + (f", {costs['latency_ratio']:.3f}x predicted latency" if "latency_ratio" in costs else ""))
+        + (f", {costs['latency_ratio']:.3f}x {how} latency" if "latency_ratio" in costs else ""))
 
 
 def _fits(problem: PruningProblem, policy: dict) -> bool:
@@ -232,8 +241,8 @@ def _sensitivity_policy(problem: PruningProblem, model: nn.Module, keeps: list[f
     for producer, dim in space.groups.items():
         if producer in ratios:
             keep.setdefault(dim, []).append(1.0 - ratios[producer])
-    base = {d.name: (sum(keep[d.name]) / len(keep[d.name]) if d.name in keep else 1.0) if d.kind == "float" else 0
-            for d in space.dimensions}
+    base = {d.name: (sum(keep[d.name]) / len(keep[d.name]) if d.name in keep else 1.0) if d.kind == "float" else
+            int(d.kind == "flag") for d in space.dimensions}  # no block removed, every layer int8
     for scale in [1.0] + [k for k in keeps if k < 1.0]:
         policy = space.clip({k: v * scale if isinstance(v, float) else v for k, v in base.items()})
         if _fits(problem, policy):

@@ -5,9 +5,9 @@ and, for ``pruning``, the original model's artifact, the dataset spec, the descr
 and the latency table. A worker builds its problem from :data:`PROBLEMS` by name; nothing a job
 names is imported or called, and the model comes from a slimkit artifact (no unpickling).
 
-* ``pruning``: the real problem (:class:`PruningProblem`): a policy of channel keep ratios and
-  residual blocks to remove, judged by EagleEye's accuracy proxy under MAC, parameter and
-  measured-latency budgets.
+* ``pruning``: the real problem (:class:`PruningProblem`): a policy of channel keep ratios,
+  residual blocks to remove, decomposition ranks and int8 flags (as its space has them), judged
+  by EagleEye's accuracy proxy under MAC, parameter and measured-latency budgets.
 * ``quadratic``: a synthetic problem whose constrained best policy is known in closed form
   (:class:`QuadraticProblem`); the tests check the engine (samplers, storage, workers, retries)
   on it in milliseconds per trial.
@@ -143,15 +143,22 @@ class PruningProblem:
         self.directions = ["maximize", "minimize"] if SAMPLERS.get(c.sampler).multi_objective else ["maximize"]
 
     def measure(self, policy: dict) -> tuple[object, dict]:
-        """The candidate of ``policy`` and its costs: MAC, parameter and predicted latency ratios, violations."""
+        """The model ``policy`` makes and its costs: MAC, parameter and latency ratios, budget violations.
+
+        A policy with int8 layers (``--space bits``) gives the int8 model (:meth:`int8`) and is timed
+        whole on the runtime: the per-layer table knows float layers only.
+        """
         from ..profile import profile
 
         c = self.config
         cand = self.space.apply(policy)
         p = profile(cand, self.example)
         costs = {"macs_ratio": p.macs / self.macs0, "params_ratio": p.params / self.params0}
+        if self.space.quantized(policy):
+            cand = self.int8(cand, policy)
+            costs["int8_layers"] = sum(1 for d in set(self.space.int8_layers.values()) if int(policy.get(d, 0)))
         violations = []
-        if c.target_latency is not None and c.latency_model == "measure":
+        if c.target_latency is not None and (c.latency_model == "measure" or "int8_layers" in costs):
             from .evaluate import measured_ratios
 
             got = measured_ratios(self.model, cand, self.example, c.runtime, c.batch_sizes, c.threads, repeats=7)
@@ -170,6 +177,27 @@ class PruningProblem:
         costs["constraints"] = violations
         return cand, costs
 
+    def int8(self, candidate, policy: dict, calib=None, recalibrate: bool = True):
+        """``candidate`` on int8 kernels where ``policy`` flags a layer, float elsewhere (a new model).
+
+        With ``recalibrate`` its batch norms are re-estimated first (on a copy: a pruned candidate's
+        are stale, a fine-tuned one's are not), then it is calibrated on ``calib`` (default: the
+        trial's calibration batches) and converted, as :func:`slimkit.quant.quantize` does.
+        """
+        import copy
+
+        from ..quant import quantize
+        from .evaluate import recalibrate_bn
+
+        work = recalibrate_bn(copy.deepcopy(candidate), self.calib) if recalibrate else candidate
+        return quantize(work, calib if calib is not None else self.calib,
+                        keep_float=self.space.keep_float(policy, work))
+
+    def judged(self, policy: dict):
+        """The model a trial of ``policy`` times: :meth:`PruningSpace.apply`'s, on int8 kernels where it says."""
+        cand = self.space.apply(policy)
+        return self.int8(cand, policy) if self.space.quantized(policy) else cand
+
     def cost(self, costs: dict) -> float:
         """The second objective of a Pareto search: predicted latency, else MACs."""
         return costs.get("latency_ratio", costs["macs_ratio"])
@@ -187,11 +215,13 @@ class PruningProblem:
             record(trial, proxy="skipped: over budget")
             acc = 0.0
         else:
-            acc = accuracy_proxy(cand, self.calib, self.val)
+            acc = accuracy_proxy(cand, self.calib, self.val)  # an int8 model has no BN left to re-estimate
             steps = self.config.trial_steps if ok else 0
+            tuned = self.space.apply(policy) if steps and self.space.quantized(policy) else cand
             for half in range(2 if steps else 0):
-                self._tune(cand, steps // 2, seed=self.config.seed + trial.number * 2 + half)
-                acc = accuracy_proxy(cand, self.calib, self.val)
+                self._tune(tuned, steps // 2, seed=self.config.seed + trial.number * 2 + half)
+                judged = self.int8(tuned, policy) if tuned is not cand else tuned
+                acc = accuracy_proxy(judged, self.calib, self.val)
                 trial.report(acc, half)
                 if trial.should_prune():
                     raise optuna.TrialPruned()

@@ -30,7 +30,7 @@ def trial_rows(study) -> list[dict]:
                      "latency_ratio": a.get("latency_ratio"), "latency": a.get("latency"),
                      "feasible": all(c <= 0 for c in a.get("constraints", [0.0])),
                      "evaluated": a.get("proxy") != "skipped: over budget",
-                     "warm_start": a.get("warm_start")})
+                     "int8_layers": a.get("int8_layers", 0), "warm_start": a.get("warm_start")})
     rows.sort(key=lambda r: (-r["proxy"], r["trial"]))
     return rows
 

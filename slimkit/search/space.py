@@ -11,10 +11,14 @@ held-out data (loss increase per MAC saved, as :func:`slimkit.prune.prune_blocks
 With ``ranks``, every kxk convolution Tucker-2 can split (Kim et al., ICLR 2016) gets a rank
 fraction (per layer, or per stage past ``FINE_LIMIT``): 1.0 leaves it whole, F < 1 replaces it by
 1x1 -> kxk -> 1x1 convs whose inner widths are F of its output and input channels.
+With ``bits``, every conv/linear layer (per stage past ``FINE_LIMIT``) gets a flag: 1 runs it on int8
+kernels, 0 keeps it in float (mixed precision as partial quantization, Wu et al. 2020): the
+search learns which layers int8 speeds up in the runtime and which cost the accuracy it is worth.
 :meth:`PruningSpace.apply` builds the candidate: blocks removed, then channels cut by the
 criterion to the policy's ratios (:func:`slimkit.prune.prune` with ``ratios``), then the layers
 whose rank fraction is below 1 decomposed at those ranks of their pruned widths (left whole when
-that would not have fewer parameters). The candidate is judged as any other: its batch norms
+that would not have fewer parameters); :meth:`PruningSpace.keep_float` names the layers of that
+candidate its int8 flags leave in float. The candidate is judged as any other: its batch norms
 re-estimated, its accuracy proxy, MACs and latency measured, so the search weighs cutting channels
 against splitting layers on the same budget.
 """
@@ -38,22 +42,22 @@ RANK_ITERATIONS = 10  # Tucker's ALS iterations per layer of a candidate: from t
 
 @dataclass(frozen=True)
 class Dimension:
-    """One searched value: a float in ``[low, high]`` by ``step`` or an int in ``[low, high]``."""
+    """One searched value: a float in ``[low, high]`` by ``step``, an int in ``[low, high]`` or a 0/1 flag."""
 
     name: str
-    kind: str  # "float" or "int"
+    kind: str  # "float", "int" (a count) or "flag" (0 or 1: a switch, never a count)
     low: float
     high: float
     step: float | None = None
 
     def suggest(self, trial):
-        if self.kind == "int":
+        if self.kind in ("int", "flag"):
             return trial.suggest_int(self.name, int(self.low), int(self.high))
         return trial.suggest_float(self.name, self.low, self.high, step=self.step)
 
     def clip(self, value):
         v = min(max(value, self.low), self.high)
-        if self.kind == "int":
+        if self.kind in ("int", "flag"):
             return int(round(v))
         return round((v - self.low) / self.step) * self.step + self.low if self.step else float(v)
 
@@ -75,9 +79,11 @@ class PruningSpace:
     blocks: bool = True
     channels: bool = True
     ranks: bool = False
+    bits: bool = False
     block_order: dict[str, list] = field(default_factory=dict)  # stage -> blocks, least useful first
     groups: dict[str, str] = field(default_factory=dict)  # producer layer -> its dimension
     rank_layers: dict[str, str] = field(default_factory=dict)  # decomposable conv -> its rank dimension
+    int8_layers: dict[str, str] = field(default_factory=dict)  # quantizable layer -> its int8 flag
     dimensions: list[Dimension] = field(default_factory=list)
 
     def build(self, held_out: Iterable | None = None, batches: int = 2,
@@ -132,9 +138,18 @@ class PruningSpace:
             self.rank_layers = {n: f"rank:{n}" if fine else f"rank:{_stage(n)}" for n in convs}
             for dim in dict.fromkeys(self.rank_layers.values()):
                 self.dimensions.append(Dimension(dim, "float", KEEP_LOW, 1.0, KEEP_STEP))
+        if self.bits:
+            from ..quant.core import quantizable_layers
+
+            layers = quantizable_layers(self.model)
+            fine = self.granularity == "fine" or (self.granularity == "auto" and len(layers) <= FINE_LIMIT)
+            self.int8_layers = {n: f"int8:{n}" if fine else f"int8:{_stage(n)}" for n in layers}
+            for dim in dict.fromkeys(self.int8_layers.values()):
+                self.dimensions.append(Dimension(dim, "flag", 0, 1))
         if not self.dimensions:
             raise SlimkitError("search: nothing to search in this model (no prunable channel group, no removable "
-                               "residual block" + (", no kxk convolution to decompose" if self.ranks else "") + ")")
+                               "residual block" + (", no kxk convolution to decompose" if self.ranks else "")
+                               + (", no conv or linear layer to quantize" if self.bits else "") + ")")
         return self
 
     @classmethod
@@ -142,7 +157,7 @@ class PruningSpace:
         """The space :meth:`describe` wrote, rebuilt on ``model`` (refused when the model gives other dimensions)."""
         space = cls(model, example, criterion=desc["criterion"], round_to=int(desc["round_to"]),
                     granularity=desc["granularity"], blocks=bool(desc["blocks"]), channels=bool(desc["channels"]),
-                    ranks=bool(desc.get("ranks", False)))
+                    ranks=bool(desc.get("ranks", False)), bits=bool(desc.get("bits", False)))
         space.build(order=desc["block_order"])
         if space.describe()["dimensions"] != [list(d) for d in desc["dimensions"]]:
             raise SlimkitError("search: this model does not give the described search space (its dimensions differ)")
@@ -152,24 +167,47 @@ class PruningSpace:
         """What a worker needs to rebuild this space exactly (JSON): dimensions, groups and block order."""
         return {"criterion": self.criterion, "round_to": self.round_to, "granularity": self.granularity,
                 "blocks": self.blocks, "channels": self.channels, **({"ranks": True} if self.ranks else {}),
+                **({"bits": True} if self.bits else {}),
                 "dimensions": [[d.name, d.kind, d.low, d.high, d.step] for d in self.dimensions],
                 "block_order": {stage: [b.name for b in blocks] for stage, blocks in self.block_order.items()}}
 
     def suggest(self, trial) -> dict:
         return {d.name: d.suggest(trial) for d in self.dimensions}
 
-    def uniform(self, keep: float, blocks: int = 0, rank: float | None = None) -> dict:
-        """The policy keeping ``keep`` of every group's channels, removing ``blocks`` blocks per stage and
+    def uniform(self, keep: float, blocks: int = 0, rank: float | None = None, int8: int = 1) -> dict:
+        """The policy keeping ``keep`` of every group's channels, removing ``blocks`` blocks per stage,
         decomposing at ``rank`` (default: whole when channels are searched too, so "uniform" stays the plain
-        pruning control; ``keep`` when ranks are all there is)."""
+        pruning control; ``keep`` when ranks are all there is) and with every int8 flag at ``int8`` (default: all
+        layers int8, as a whole-model quantization would)."""
         rank = rank if rank is not None else (1.0 if self.groups else keep)
         ranks = set(self.rank_layers.values())
-        return {d.name: d.clip(blocks if d.kind == "int" else rank if d.name in ranks else keep)
+        return {d.name: d.clip(blocks if d.kind == "int" else int8 if d.kind == "flag" else rank if d.name in ranks
+                               else keep)
                 for d in self.dimensions}
 
     def smallest(self) -> dict:
-        """The policy that removes the most this space allows (every ratio at its floor, every removable block)."""
+        """The policy that removes the most this space allows (every ratio at its floor, every removable block,
+        every layer int8)."""
         return {d.name: d.low if d.kind == "float" else d.high for d in self.dimensions}
+
+    def quantized(self, policy: dict) -> bool:
+        """Whether ``policy`` runs any layer on int8 kernels."""
+        return any(int(policy.get(dim, 0)) for dim in set(self.int8_layers.values()))
+
+    def keep_float(self, policy: dict, candidate: nn.Module) -> list[str]:
+        """The quantizable layers of ``candidate`` (the model :meth:`apply` built) that ``policy`` leaves in float.
+
+        A decomposed layer's factors follow the flag of the layer they replace; a layer the
+        original lacks (none today) stays float.
+        """
+        from ..quant.core import quantizable_layers
+
+        out = []
+        for name in quantizable_layers(candidate):
+            owner = next((n for n in self.int8_layers if name == n or name.startswith(n + ".")), None)
+            if owner is None or not int(policy.get(self.int8_layers[owner], 0)):
+                out.append(name)
+        return out
 
     def clip(self, policy: dict) -> dict:
         """``policy`` restricted to this space's dimensions, each value clipped to its range and grid."""
