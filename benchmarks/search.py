@@ -17,6 +17,11 @@ test top-1 on the 10k split and latency against the baseline, interleaved, in th
     python benchmarks/search.py --part search --models resnet20 --runtime onnxruntime --batch 1 --time-budget 30m
     python benchmarks/search.py --part throughput --models resnet20 --runtime onnxruntime --batch 1
     python benchmarks/search.py --part finetune --models resnet20 --runtime onnxruntime --batch 1 --epochs 5
+
+``--space prune,blocks,bits`` searches int8 or float per layer too (its own study folder and section):
+
+    python benchmarks/search.py --part search --space prune,blocks,bits --time-budget 20m
+    python benchmarks/search.py --part finetune --space prune,blocks,bits --epochs 3 --policies searched,uniform
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from common import CIFAR, ROOT, markdown_table, record  # noqa: E402
 import slimkit  # noqa: E402
 from slimkit.data import load  # noqa: E402
 from slimkit.profile import profile  # noqa: E402
+from slimkit.quant import calibration_loader  # noqa: E402
+from slimkit.quant.core import quantizable_layers  # noqa: E402
 from slimkit.search import SearchConfig, search  # noqa: E402
 from slimkit.search.evaluate import measured_ratios, recalibrate_bn  # noqa: E402
 from slimkit.search.finetune import finetune  # noqa: E402
@@ -53,22 +60,31 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def study_dir(out: str, model: str, runtime: str, batch: int) -> str:
-    return os.path.join(out, f"{model}-{runtime}-bs{batch}")
+DEFAULT_SPACE = ("prune", "blocks")
+
+
+def suffix(args) -> str:
+    """``-bits`` (etc.) for a space other than the default, so each space has its own study and section."""
+    extra = [s for s in args.space if s not in DEFAULT_SPACE]
+    return "".join(f"-{s}" for s in extra)
+
+
+def study_dir(out: str, model: str, runtime: str, batch: int, space: str = "") -> str:
+    return os.path.join(out, f"{model}-{runtime}-bs{batch}{space}")
 
 
 def config(args, **over) -> SearchConfig:
     return SearchConfig(target_latency=args.target, runtime=args.runtime, batch_sizes=(args.batch,), threads=1,
                         trials=args.trials, time_budget=args.time_budget, warm_start=("uniform", "sensitivity"),
                         finetune_epochs=0, quantize="never", latency_model=args.latency_model, seed=0,
-                        **over)
+                        space=tuple(args.space), **over)
 
 
 def part_search(args) -> None:
     data = load(f"cifar10:{CIFAR}", seed=0)
     for name in args.models:
         model = slimkit.load(os.path.join(ROOT, "runs", "baselines", f"{name}.safetensors")).eval()
-        out = study_dir(args.out, name, args.runtime, args.batch)
+        out = study_dir(args.out, name, args.runtime, args.batch, suffix(args))
         t0 = time.time()
         r = search(model, f"cifar10:{CIFAR}", config(args), out, data=data, model_name=name, log=log)
         log(f"{name}: {r['study']['complete']} trials in {time.time() - t0:.0f}s; chosen trial {r['chosen']['trial']}")
@@ -119,7 +135,7 @@ def part_finetune(args) -> None:
     test = data.loader("test", 256)
     rows = []
     for name in args.models:
-        folder = study_dir(args.out, name, args.runtime, args.batch)
+        folder = study_dir(args.out, name, args.runtime, args.batch, suffix(args))
         job = json.load(open(os.path.join(folder, "search.json")))
         results = json.load(open(os.path.join(folder, "results.json")))
         problem = PruningProblem(job)
@@ -128,6 +144,7 @@ def part_finetune(args) -> None:
         starts = {r["warm_start"]: r for r in results["warm_starts"]}
         policies = [("searched", results["chosen"])] + [(k, starts[k]) for k in ("uniform", "sensitivity")
                                                           if k in starts]
+        policies = [(label, row) for label, row in policies if label in args.policies]
         if args.uniform_keep is not None:  # the equal-latency control alone: one keep ratio everywhere
             policies = [(f"uniform {args.uniform_keep:g}", {"trial": "-", "proxy": float("nan"),
                                                             "policy": problem.space.uniform(args.uniform_keep)})]
@@ -136,15 +153,21 @@ def part_finetune(args) -> None:
             model = recalibrate_bn(problem.space.apply(row["policy"]), problem.calib)
             t0 = time.time()
             finetune(model, base, data, epochs=args.epochs, lr=0.01, seed=0, input_size=tuple(job["input_size"]))
+            p = profile(model, problem.example)
+            int8 = problem.space.quantized(row["policy"])
+            layers = len(quantizable_layers(model))
+            kept = len(problem.space.keep_float(row["policy"], model)) if int8 else layers
+            if int8:  # as the search's final step does: 512 calibration images, the layers the policy says
+                model = problem.int8(model, row["policy"], calibration_loader(data, 512, 64, 0), recalibrate=False)
             top1 = evaluate(model, test)["top1"]
             torch.set_num_threads(1)
             ratios = measured_ratios(base, model, problem.example, args.runtime, (args.batch,), 1, repeats=31)
             slimkit.save(model, os.path.join(folder, f"{label}.safetensors"),
                          meta={"input_size": list(job["input_size"])})
-            p = profile(model, problem.example)
             log(f"{name} {label}: top-1 {top1 * 100:.2f} ({(top1 - top0) * 100:+.2f}), latency {ratios[args.batch]:.3f}"
                 f" ({time.time() - t0:.0f}s)")
-            rows.append([name, label, f"trial {row['trial']}", f"{row['proxy'] * 100:.1f}",
+            rows.append([name, label + (f" ({layers - kept}/{layers} layers int8)" if problem.space.bits else ""),
+                         f"trial {row['trial']}", f"{row['proxy'] * 100:.1f}",
                          f"{row.get('latency_ratio', float('nan')):.3f}", f"{ratios[args.batch]:.3f}",
                          f"{1 / ratios[args.batch]:.2f}x", f"{p.macs / problem.macs0:.3f}", f"{top1 * 100:.2f}",
                          f"{(top1 - top0) * 100:+.2f}"])
@@ -161,12 +184,17 @@ def part_finetune(args) -> None:
                               "MACs", "top-1", "delta"], rows)
             + "\n\nPublished anchors (original CIFAR-10, long GPU fine-tunes, FLOPs-constrained unless noted):\n\n"
             + markdown_table(["method", "model", "budget", "top-1 delta"], ANCHORS))
+    space = f", space {','.join(args.space)}" if suffix(args) else ""
+    if suffix(args):
+        body = (f"Searched space: {', '.join(args.space)} (int8 or float per conv/linear layer with bits: int8 "
+                "policies are timed whole in the runtime, then quantized after the fine-tune as the policy says, "
+                "512 calibration images).\n\n" + body)
     if args.uniform_keep is not None:
         record(f"search-{args.runtime}-bs{args.batch}-uniform{args.uniform_keep:g}", f"Policy search: uniform keep "
                f"{args.uniform_keep:g} control ({args.runtime}, batch {args.batch})", body)
         return
-    record(f"search-{args.runtime}-bs{args.batch}", f"Policy search: searched vs uniform vs sensitivity "
-           f"({args.runtime}, batch {args.batch})", body)
+    record(f"search-{args.runtime}-bs{args.batch}{suffix(args)}", f"Policy search: searched vs uniform vs sensitivity "
+           f"({args.runtime}, batch {args.batch}{space})", body)
 
 
 def main() -> None:
@@ -184,6 +212,10 @@ def main() -> None:
     p.add_argument("--train-threads", type=int, default=2)
     p.add_argument("--uniform-keep", type=float, help="finetune part: only a uniform policy at this keep ratio "
                                                         "(the equal-measured-latency control)")
+    p.add_argument("--space", type=lambda s: s.split(","), default=list(DEFAULT_SPACE),
+                   help="what is searched (SearchConfig.space): prune,blocks (default), add rank or bits")
+    p.add_argument("--policies", type=lambda s: s.split(","), default=["searched", "uniform", "sensitivity"],
+                   help="finetune part: which of the study's policies to fine-tune")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "search-bench"))
     args = p.parse_args()
     torch.set_num_threads(1)

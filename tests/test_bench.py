@@ -66,6 +66,7 @@ def test_stats_on_a_known_list():
         stats([])
 
 
+@pytest.mark.timing
 def test_bench_numbers_are_sane_and_threads_fixed_then_restored(tiny):
     tiny.train()
     before = torch.get_num_threads()
@@ -132,6 +133,7 @@ def test_bad_arguments_are_user_errors(tiny):
         bench(tiny, (3, -1, 16))
 
 
+@pytest.mark.timing
 def test_compare_model_against_itself_gives_ratio_near_one(tiny):
     # 31 pairs of 2 ms: enough that a neighbour preempting a few samples cannot move the median ratio.
     c = compare(tiny, tiny, SIZE, batch_sizes=(1,), threads=1, modes=("eager",), warmup=2, repeats=31,
@@ -143,6 +145,7 @@ def test_compare_model_against_itself_gives_ratio_near_one(tiny):
     assert abs(c.ratio("eager", 1) - 1) < 0.10
 
 
+@pytest.mark.timing
 def test_compare_detects_four_times_the_work():
     torch.manual_seed(0)
     a, b = Tiny(blocks=1), Tiny(blocks=4)
@@ -173,6 +176,7 @@ class Jittery(Tiny):
         return super().forward(x)
 
 
+@pytest.mark.timing
 def test_noisy_timings_are_warned_about():
     r = bench(Jittery(), SIZE, batch_sizes=(1,), threads=1, modes=("eager",), warmup=1, repeats=10, min_time_s=0.0,
               roofline=False)

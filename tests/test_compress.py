@@ -39,11 +39,15 @@ def trained(tmp_path_factory):
     from slimkit.data import load
     from slimkit.train import fit, seed_everything
 
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # both cores for the training; the tests after it keep the suite's one thread
     data = load("digits", seed=0)
     seed_everything(0)
     model = slimkit.create_model("digits_cnn")
-    fit(model, data.loader("train", 64, seed=0), epochs=15, lr=0.05, seed=0, progress=False)
+    try:
+        fit(model, data.loader("train", 64, seed=0), epochs=15, lr=0.05, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     path = slimkit.save(model.eval(), str(tmp_path_factory.mktemp("model") / "digits.safetensors"),
                         meta={"dataset": "digits", "input_size": [1, 8, 8]})
     return model.eval(), data, path
@@ -82,6 +86,7 @@ def test_progress_writes_lines_with_an_eta_off_a_terminal():
     assert lines[1].startswith("trials: 2/4") and lines[1].endswith("(best 0.9)")
 
 
+@pytest.mark.timing
 def test_latency_target_is_met_and_all_four_outputs_are_written(latency_job, trained):
     report, out, lines = latency_job
     v = report["verdict"]
@@ -106,6 +111,7 @@ def test_latency_target_is_met_and_all_four_outputs_are_written(latency_job, tra
     assert all(c["passed"] for c in exported["checks"])
 
 
+@pytest.mark.timing
 def test_rerun_of_a_finished_job_only_rewrites_the_report(latency_job, trained):
     model, data, _ = trained
     report, out, _ = latency_job
@@ -117,6 +123,7 @@ def test_rerun_of_a_finished_job_only_rewrites_the_report(latency_job, trained):
     assert not any(line.startswith("compress: search") for line in lines)
 
 
+@pytest.mark.timing
 def test_a_job_of_another_model_in_the_same_folder_is_refused(latency_job):
     _, out, _ = latency_job
     from slimkit.data import load
@@ -248,6 +255,7 @@ def test_a_killed_job_resumes_and_finishes_with_the_same_result(trained, tmp_pat
     assert sa == sb
 
 
+@pytest.mark.timing
 def test_report_html_is_self_contained(latency_job):
     _, out, _ = latency_job
     text = open(os.path.join(out, "report.html")).read()
@@ -318,6 +326,7 @@ def _non_blank(png: bytes) -> float:
     return 1 - max(hist) / sum(hist)
 
 
+@pytest.mark.timing
 def test_report_in_a_real_browser(latency_job, tmp_path):
     _, out, _ = latency_job
     facts = open_page(os.path.join(out, "report.html"))

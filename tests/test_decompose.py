@@ -225,6 +225,7 @@ class TwoConvs(nn.Module):
 
 
 @pytest.mark.slow
+@pytest.mark.timing
 def test_latency_target_decomposes_where_it_pays_and_leaves_the_rest_whole():
     torch.manual_seed(0)
     model = TwoConvs().eval()

@@ -1,10 +1,13 @@
 import json
 import os
 
+import pytest
+
 import slimkit
 from slimkit.demo import run_demo
 
 
+@pytest.mark.timing
 def test_demo_trains_compresses_and_names_the_report(tmp_path):
     lines = []
     report = run_demo(str(tmp_path), epochs=8, time_budget="20s", log=lines.append, progress=False)

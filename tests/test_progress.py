@@ -31,6 +31,7 @@ def test_progress_takes_log_and_bar_from_the_reporting_block():
     assert outside.log is None
 
 
+@pytest.mark.timing
 def test_a_short_job_writes_no_line_and_a_long_one_ends_with_its_last_unit():
     lines: list[str] = []
     with reporting(lines.append, bar=False, every=5):

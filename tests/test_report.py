@@ -1,6 +1,7 @@
 import json
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -16,6 +17,7 @@ class Slow(nn.Module):
         return x
 
 
+@pytest.mark.timing
 def test_layer_latency_finds_the_slow_layer_and_sums_repeated_calls():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), Slow(), nn.ReLU())
     times = layer_latency(model, torch.randn(1, 3, 16, 16), repeats=3, warmup=1)

@@ -88,6 +88,7 @@ def postgres():
         yield url
 
 
+@pytest.mark.timing
 def test_three_workers_share_a_postgres_study_without_duplicates_or_losses(postgres, tmp_path):
     log = str(tmp_path / "events.jsonl")
     job = quad_job(postgres, name="three", trials=12, sleep=1.0, log=log)
@@ -269,6 +270,7 @@ def test_the_rank_space_decomposes_kxk_convs_and_the_search_weighs_it_against_ch
     assert art(x).shape == (4, 10)
 
 
+@pytest.mark.timing
 def test_latency_budget_is_met_as_measured(digits_model, tmp_path):
     model, data = digits_model
     torch.set_num_threads(1)
@@ -301,6 +303,7 @@ def cli(*args, timeout=600):
     (["--target-macs", "0.5", "--storage", "postgresql://u@127.0.0.1:1/x"], "host 127.0.0.1, port 1"),
     (["--target-macs", "0.001"], "out of reach"),
     (["--target-macs", "0.5", "--criterion", "taylor"], "data-free criterion"),
+    (["--target-macs", "0.5", "--space", "prune,bits"], "needs a latency budget (--target-latency)"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path, args, message):
     r = cli("digits_resnet", "--data", "digits", "--limit", "60", "--out", str(tmp_path), *args)
@@ -354,6 +357,7 @@ def test_two_process_torchrun_finetune_matches_one_process(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.timing
 def test_the_bits_space_runs_int8_layer_by_layer_and_the_final_model_follows_the_policy(digits_model, tmp_path):
     from slimkit.quant.core import quantizable_layers
     from slimkit.search import PruningSpace
