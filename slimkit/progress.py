@@ -68,6 +68,8 @@ class Progress:
         done: units already finished (a resumed job).
         every: at least this many seconds between plain lines (the last unit is reported once a line was), so
             a job that ends within a few seconds writes none. Default: :func:`reporting`'s (5 s); 0: every unit.
+        deadline: a time (``time.time()`` scale) the work stops at whatever is left (a search's time budget):
+            the ETA is never past it.
 
     Example:
         >>> lines = []
@@ -78,14 +80,14 @@ class Progress:
     """
 
     def __init__(self, total: int, desc: str, log: Callable[[str], None] | None = _UNSET, *, bar: bool | None = None,
-                 done: int = 0, every: float | None = None) -> None:
+                 done: int = 0, every: float | None = None, deadline: float | None = None) -> None:
         context_log, context_bar, context_every = _REPORTING.get()
         log = context_log if log is _UNSET else log
         bar = context_bar if bar is None else bar
         every = context_every if every is None else every
         self.total, self.desc, self.log, self.n, self.start_n = max(int(total), 1), desc, log, done, done
         self.t0 = self._last = time.time()
-        self.every, self._lines = every, 0
+        self.every, self._lines, self.deadline = every, 0, deadline
         self._bar = None
         if bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -93,11 +95,13 @@ class Progress:
             self._bar = tqdm(total=self.total, initial=done, desc=desc, dynamic_ncols=True, leave=False)
 
     def eta(self) -> float | None:
-        """Seconds left at the rate of the units done in this process (None before the first)."""
+        """Seconds left at the rate of the units done in this process (None before the first), at most until the
+        deadline."""
         ran = self.n - self.start_n
         if ran <= 0:
             return None
-        return (time.time() - self.t0) / ran * max(self.total - self.n, 0)
+        left = (time.time() - self.t0) / ran * max(self.total - self.n, 0)
+        return left if self.deadline is None else min(left, max(self.deadline - time.time(), 0.0))
 
     def update(self, n: int = 1, note: str = "") -> None:
         self.n += n

@@ -31,6 +31,18 @@ def test_progress_takes_log_and_bar_from_the_reporting_block():
     assert outside.log is None
 
 
+def test_the_eta_of_work_with_a_deadline_is_never_past_it():
+    # a time-budgeted search of 10,000 trials: the rate says hours, the budget says under a minute
+    p = Progress(10_000, "trials", log=None, bar=False, deadline=time.time() + 60)
+    p.t0 -= 10  # one trial took ten seconds
+    p.update()
+    assert 0 < p.eta() <= 60
+    q = Progress(10_000, "trials", log=None, bar=False)
+    q.t0 -= 10
+    q.update()
+    assert q.eta() > 3600 * 24
+
+
 @pytest.mark.timing
 def test_a_short_job_writes_no_line_and_a_long_one_ends_with_its_last_unit():
     lines: list[str] = []

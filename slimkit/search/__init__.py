@@ -15,7 +15,8 @@ parameter budgets:
   and retries so a killed worker loses nothing (:mod:`~slimkit.search.worker`);
 * the chosen policy is applied, fine-tuned with KD from the original (data-parallel under
   torchrun, :mod:`~slimkit.search.finetune`), quantized to int8 when the runtime gains from it
-  (or layer by layer as the policy says, with ``space`` ``bits``), exported and verified, and saved with the policy and a summary of the study in its provenance.
+  (or layer by layer as the policy says, with ``space`` ``bits``), exported and verified, and
+  saved with the policy and a summary of the study in its provenance.
 """
 
 from __future__ import annotations

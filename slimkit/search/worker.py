@@ -101,8 +101,10 @@ def _loop(study, problem, objective, last_error, target, deadline, heartbeat, gr
     from ..progress import Progress
 
     ran = failures = 0
-    # one bar (or log line per trial) of the study's finished trials, with an ETA from this worker's rate
-    bar = Progress(target, f"worker {index}: search trials", log, done=_counts(study)[0]) if log is not None else None
+    # one bar (or log line per trial) of the study's finished trials, with an ETA from this worker's rate (never past
+    # the time budget's deadline)
+    bar = (Progress(target, f"worker {index}: search trials", log, done=_counts(study)[0], deadline=deadline)
+           if log is not None else None)
     try:
         while deadline is None or time.time() < deadline:
             finished, running = _counts(study)
