@@ -241,12 +241,16 @@ def _sensitivity_policy(problem: PruningProblem, model: nn.Module, keeps: list[f
     for producer, dim in space.groups.items():
         if producer in ratios:
             keep.setdefault(dim, []).append(1.0 - ratios[producer])
-    base = {d.name: (sum(keep[d.name]) / len(keep[d.name]) if d.name in keep else 1.0) if d.kind == "float" else
-            int(d.kind == "flag") for d in space.dimensions}  # no block removed, every layer int8
+    base = {d.name: (sum(keep[d.name]) / len(keep[d.name]) if d.name in keep else 1.0) if d.kind == "float" else 0
+            for d in space.dimensions}  # no block removed
+    flags = [d.name for d in space.dimensions if d.kind == "flag"]
     for scale in [1.0] + [k for k in keeps if k < 1.0]:
-        policy = space.clip({k: v * scale if isinstance(v, float) else v for k, v in base.items()})
-        if _fits(problem, policy):
-            return policy
+        # every layer int8 first, then every layer float: narrow int8 layers can be the slower ones
+        for int8 in ((1, 0) if flags else (0,)):
+            policy = space.clip({k: v * scale if isinstance(v, float) else v for k, v in base.items()}
+                                | {f: int8 for f in flags})
+            if _fits(problem, policy):
+                return policy
     return None
 
 
