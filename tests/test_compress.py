@@ -196,6 +196,11 @@ def test_a_macs_target_pilots_pruned_and_decomposed_and_continues_the_better_on_
     assert set(rows) == {"search", "decompose"} and all(r["pilot_epochs"] == 1 for r in rows.values())
     best = max(rows, key=lambda n: (rows[n]["val_top1"], -rows[n]["macs_ratio"]))
     assert state["choose"]["chosen"] == best
+    # each candidate is timed in the job's runtime; the report warns when the kept one is the slower
+    lat = {n: r["latency_ratio"] for n, r in rows.items()}
+    assert all(v > 0 for v in lat.values())
+    other = next(n for n in rows if n != best)
+    assert any("a MACs target counts MACs" in w for w in report["warnings"]) == (lat[best] > 1.05 * lat[other])
     assert state["finetune"]["epochs"] == 1  # the pilot epoch counts towards the two planned
     assert report["cards"]["after"]["macs"] <= 0.5 * report["cards"]["before"]["macs"]
     final = slimkit.load(os.path.join(out, "model.safetensors"))

@@ -205,7 +205,9 @@ CANDIDATES = ("search", "decompose")  # the pruned and the decomposed model of a
 
 def step_choose(job: Job, plan: dict) -> dict:
     """Pruned or decomposed: each candidate gets the same KD pilot from the original (``plan["pilot_epochs"]``);
-    the one with the better validation top-1 is kept (as ``steps/choose``) and the fine-tune continues it.
+    the one with the better validation top-1 is kept (as ``steps/choose``) and the fine-tune continues it. Each is
+    also timed against the original in the job's runtime; when the kept one is the slower (by over 5%), the step's
+    warning says so in the report.
 
     Validation is the split carved from train, never the test split the report's accuracy is measured on.
     """
@@ -226,7 +228,8 @@ def step_choose(job: Job, plan: dict) -> dict:
         if epochs:
             model = recover(model, job.context(f"pilot-{name}"), kd_config(epochs, c.lr), job.model).eval()
         rows[name] = {"val_top1": evaluate(model, val)["top1"], "pilot_epochs": epochs,
-                      "macs_ratio": job.state["steps"][name]["metrics"]["macs_ratio"]}
+                      "macs_ratio": job.state["steps"][name]["metrics"]["macs_ratio"],
+                      "latency_ratio": _latency_ratio(job, model)}
         history(model).append({"stage": "pilot", "params": {"epochs": epochs, "lr": c.lr, "distill": "kd"},
                                "metrics": {"val_top1": rows[name]["val_top1"]}})
         job.save(model, f"pilot-{name}")
@@ -236,8 +239,32 @@ def step_choose(job: Job, plan: dict) -> dict:
                                    for n, r in rows.items()) + f" validation top-1 -> {best}")
     model = job.saved(f"pilot-{best}")
     job.save(model, "choose")
-    return {"chosen": best, "candidates": rows,
-            "metrics": {"macs_ratio": rows[best]["macs_ratio"]}}
+    out = {"chosen": best, "candidates": rows, "metrics": {"macs_ratio": rows[best]["macs_ratio"]}}
+    # MACs are what was asked, time is what the user gets: say so when the more accurate candidate is the slower one
+    other = next((n for n in rows if n != best), None)
+    lat = {n: rows[n].get("latency_ratio") for n in rows}
+    if other is not None and lat[best] is not None and lat[other] is not None and lat[best] > 1.05 * lat[other]:
+        def what(n):
+            return "decomposed" if n == "decompose" else "pruned"
+
+        out["warning"] = (f"the {what(best)} model was kept for its validation top-1 ({rows[best]['val_top1']:.4f} vs "
+                          f"{rows[other]['val_top1']:.4f}) though it measured {lat[best]:.2f}x the original's latency "
+                          f"in {c.runtime} against the {what(other)} model's {lat[other]:.2f}x: a MACs target counts "
+                          f"MACs; ask for latency=F if speed is what matters")
+        job.log(out["warning"])
+    return out
+
+
+def _latency_ratio(job: Job, model: nn.Module) -> float | None:
+    """The candidate's latency / the original's in the job's runtime, worst batch size (7 interleaved pairs), or None
+    where the runtime cannot run it."""
+    from ..search.evaluate import measured_ratio
+
+    c = job.config
+    try:
+        return measured_ratio(job.model, model, job.example, c.runtime, c.batch_sizes, job.threads, repeats=7)
+    except SlimkitError:
+        return None
 
 
 def step_finetune(job: Job, plan: dict) -> dict:
