@@ -201,6 +201,7 @@ def step_decompose(job: Job, plan: dict) -> dict:
 
 
 CANDIDATES = ("search", "decompose")  # the pruned and the decomposed model of a MACs target
+LABELS = {"search": "pruned", "decompose": "decomposed"}
 
 
 def step_choose(job: Job, plan: dict) -> dict:
@@ -235,22 +236,19 @@ def step_choose(job: Job, plan: dict) -> dict:
         job.save(model, f"pilot-{name}")
         job.save_state()  # a killed job does not pilot this candidate again
     best = max(rows, key=lambda n: (rows[n]["val_top1"], -rows[n]["macs_ratio"]))
-    job.log("chosen: " + ", ".join(f"{'pruned' if n == 'search' else 'decomposed'} {r['val_top1']:.4f}"
-                                   for n, r in rows.items()) + f" validation top-1 -> {best}")
+    job.log("chosen: " + ", ".join(f"{LABELS[n]} {r['val_top1']:.4f}" for n, r in rows.items())
+            + f" validation top-1 -> {best}")
     model = job.saved(f"pilot-{best}")
     job.save(model, "choose")
     out = {"chosen": best, "candidates": rows, "metrics": {"macs_ratio": rows[best]["macs_ratio"]}}
     # MACs are what was asked, time is what the user gets: say so when the more accurate candidate is the slower one
     other = next((n for n in rows if n != best), None)
-    lat = {n: rows[n].get("latency_ratio") for n in rows}
-    if other is not None and lat[best] is not None and lat[other] is not None and lat[best] > 1.05 * lat[other]:
-        def what(n):
-            return "decomposed" if n == "decompose" else "pruned"
-
-        out["warning"] = (f"the {what(best)} model was kept for its validation top-1 ({rows[best]['val_top1']:.4f} vs "
-                          f"{rows[other]['val_top1']:.4f}) though it measured {lat[best]:.2f}x the original's latency "
-                          f"in {c.runtime} against the {what(other)} model's {lat[other]:.2f}x: a MACs target counts "
-                          f"MACs; ask for latency=F if speed is what matters")
+    mine, theirs = (rows[n].get("latency_ratio") if n else None for n in (best, other))
+    if mine is not None and theirs is not None and mine > 1.05 * theirs:
+        out["warning"] = (f"the {LABELS[best]} model was kept for its validation top-1 ({rows[best]['val_top1']:.4f} "
+                          f"vs {rows[other]['val_top1']:.4f}) though it measured {mine:.2f}x the original's latency in "
+                          f"{c.runtime} against the {LABELS[other]} model's {theirs:.2f}x: a MACs target counts MACs; "
+                          "ask for latency=F if speed is what matters")
         job.log(out["warning"])
     return out
 

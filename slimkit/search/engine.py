@@ -158,8 +158,7 @@ def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Te
     cand, costs = problem.measure(smallest)
     if problem.space.bits and c.target_latency is not None and costs["latency_ratio"] > c.target_latency:
         # int8 is not faster everywhere (small layers pay for their quantize and dequantize): try all float too
-        floats = {**smallest, **{d.name: 0 for d in problem.space.dimensions if d.kind == "flag"}}
-        alt = problem.measure(floats)
+        alt = problem.measure(problem.space.smallest(int8=0))
         if alt[1]["latency_ratio"] < costs["latency_ratio"]:
             cand, costs = alt
     misses = []

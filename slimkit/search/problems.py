@@ -155,8 +155,11 @@ class PruningProblem:
         p = profile(cand, self.example)
         costs = {"macs_ratio": p.macs / self.macs0, "params_ratio": p.params / self.params0}
         if self.space.quantized(policy):
+            from ..quant.core import quantizable_layers
+
+            # the candidate's own layers (a removed block's are gone, a decomposed layer's factors count)
+            costs["int8_layers"] = len(quantizable_layers(cand)) - len(self.space.keep_float(policy, cand))
             cand = self.int8(cand, policy)
-            costs["int8_layers"] = sum(1 for d in set(self.space.int8_layers.values()) if int(policy.get(d, 0)))
         violations = []
         if c.target_latency is not None and (c.latency_model == "measure" or "int8_layers" in costs):
             from .evaluate import measured_ratios
@@ -217,11 +220,11 @@ class PruningProblem:
         else:
             acc = accuracy_proxy(cand, self.calib, self.val)  # an int8 model has no BN left to re-estimate
             steps = self.config.trial_steps if ok else 0
-            tuned = self.space.apply(policy) if steps and self.space.quantized(policy) else cand
+            int8 = self.space.quantized(policy)  # an int8 model does not train: tune its float candidate, re-quantize
+            tuned = self.space.apply(policy) if steps and int8 else cand
             for half in range(2 if steps else 0):
                 self._tune(tuned, steps // 2, seed=self.config.seed + trial.number * 2 + half)
-                judged = self.int8(tuned, policy) if tuned is not cand else tuned
-                acc = accuracy_proxy(judged, self.calib, self.val)
+                acc = accuracy_proxy(self.int8(tuned, policy) if int8 else tuned, self.calib, self.val)
                 trial.report(acc, half)
                 if trial.should_prune():
                     raise optuna.TrialPruned()

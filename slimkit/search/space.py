@@ -185,10 +185,10 @@ class PruningSpace:
                                else keep)
                 for d in self.dimensions}
 
-    def smallest(self) -> dict:
-        """The policy that removes the most this space allows (every ratio at its floor, every removable block,
-        every layer int8)."""
-        return {d.name: d.low if d.kind == "float" else d.high for d in self.dimensions}
+    def smallest(self, int8: int = 1) -> dict:
+        """The policy that removes the most this space allows (every ratio at its floor, every removable block),
+        with every int8 flag at ``int8`` (default: every layer int8)."""
+        return {d.name: d.low if d.kind == "float" else int8 if d.kind == "flag" else d.high for d in self.dimensions}
 
     def quantized(self, policy: dict) -> bool:
         """Whether ``policy`` runs any layer on int8 kernels."""
@@ -245,9 +245,9 @@ def _decompose(model: nn.Module, fractions: dict[str, float]) -> None:
     modules = dict(model.named_modules())
     for name, f in fractions.items():
         m = modules[name]
-        o, c, kh, kw = m.weight.shape
+        o, c = m.weight.shape[:2]
         r = (max(1, round(f * o)), max(1, round(f * c)))
-        if c * r[1] + r[1] * r[0] * kh * kw + r[0] * o >= o * c * kh * kw:
+        if tucker.cost(m, r, (1, 1), (1, 1))[1] >= sum(p.numel() for p in m.parameters()):  # params: no spatial term
             continue
         set_module(model, name, tucker.build(m, r, None, {"iterations": RANK_ITERATIONS, "seed": 0}))
 
