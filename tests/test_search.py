@@ -275,6 +275,35 @@ def test_the_rank_space_decomposes_kxk_convs_and_the_search_weighs_it_against_ch
     assert art(x).shape == (4, 10)
 
 
+def test_trial_steps_tune_each_feasible_candidate_in_two_reported_halves(digits_model, tmp_path):
+    from slimkit.search.evaluate import accuracy_proxy
+    from slimkit.search.problems import PruningProblem
+
+    model, data = digits_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SearchConfig(target_macs=0.6, trials=8, trial_steps=6, warm_start=("uniform",), calib_batches=1,
+                       val_batches=1, quantize="never", finetune_epochs=0)
+    r = search(model, "digits", cfg, str(tmp_path), limit=300, data=data, log=quiet)
+    for k, v in model.state_dict().items():  # the tuning trained copies, never the caller's model
+        assert torch.equal(v, before[k]), k
+    job = json.load(open(tmp_path / "search.json"))
+    trials = optuna.load_study(study_name=job["study"], storage=job["storage"]).get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    feasible = [t for t in done if all(c <= 0 for c in t.user_attrs["constraints"])]
+    assert feasible and r["study"]["complete"] == len(done)
+    for t in feasible:  # reported after each half, and the value is the second half's
+        assert sorted(t.intermediate_values) == [0, 1]
+        assert t.values[0] == pytest.approx(t.intermediate_values[1])
+    for t in trials:
+        if t.state == TrialState.PRUNED:  # the median pruner stops a trial after a reported half
+            assert t.intermediate_values
+    # the reported value is the tuned candidate's: six SGD steps move it off the untuned proxy
+    problem = PruningProblem(job, model=model, data=data)
+    untuned = [accuracy_proxy(problem.measure(t.user_attrs["policy"])[0], problem.calib, problem.val)
+               for t in feasible]
+    assert any(u != pytest.approx(t.values[0]) for u, t in zip(untuned, feasible))
+
+
 @pytest.mark.timing
 def test_latency_budget_is_met_as_measured(digits_model, tmp_path):
     model, data = digits_model
