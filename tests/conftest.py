@@ -58,3 +58,17 @@ def one_line_error(code: int, err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimkit: error: ") and "Traceback" not in err, err
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """The digits ResNet trained two epochs on 300 digits, and that data (the search tests' small real problem)."""
+    import slimkit
+    from slimkit.data import load
+    from slimkit.train import fit
+
+    torch.manual_seed(0)
+    data = load("digits", limit=300)
+    model = slimkit.create_model("digits_resnet")
+    fit(model, data.loader("train", 64), epochs=2, lr=0.05, progress=False)
+    return model.eval(), data

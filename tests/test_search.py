@@ -207,18 +207,6 @@ def test_study_of_another_model_under_the_same_name_is_refused(tmp_path):
 # --- the pruning problem on the digits model -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_model():
-    from slimkit.data import load
-    from slimkit.train import fit
-
-    torch.manual_seed(0)
-    data = load("digits", limit=300)
-    model = slimkit.create_model("digits_resnet")
-    fit(model, data.loader("train", 64), epochs=2, lr=0.05, progress=False)
-    return model.eval(), data
-
-
 def quiet(_):
     pass
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
+from ..sparse.sizes import SIZE_MARGIN
 from .config import CompressConfig
 
 STATE = "compress.json"
@@ -313,7 +314,6 @@ def step_quantize(job: Job, plan: dict) -> dict:
 
 SPARSITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98)
 BITS = ((6, 5), (5, 4), (4, 4), (4, 3), (3, 2))  # (conv, linear) codebook bits, most precise first
-SIZE_MARGIN = 0.95  # candidates must fit in this fraction of the target: retraining moves the Huffman statistics
 
 
 def step_sparsity(job: Job, plan: dict) -> dict:

@@ -27,12 +27,12 @@ import time
 import torch
 from torch import nn
 
+from ..sparse.sizes import SPARSE_EPOCH_SHARE
 from .config import CompressConfig
 
 SEARCH_SHARE = 0.35  # of the time budget; the fine-tune gets FINETUNE_SHARE, the rest measures, exports, reports
 FINETUNE_SHARE = 0.5
 SIZE_FINETUNE_SHARE = 0.75  # a size target has no search: the sparse and shared retraining get most of it
-SPARSE_EPOCH_SHARE = 0.7  # of a size target's epochs, the sparse retrain; the centroid retrain gets the rest
 MAX_EPOCHS = 40
 PILOT_EPOCHS = 1  # of a MACs target's fine-tune: each candidate (pruned, decomposed) gets this many before the choice
 

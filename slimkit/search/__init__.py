@@ -2,8 +2,8 @@
 
 :func:`search` finds per-layer channel keep ratios and residual blocks to remove that keep the most
 accuracy under a latency budget measured in the runtime the model will run in (eager PyTorch,
-TorchScript, ONNX Runtime, OpenVINO) at the stated batch sizes and threads, and/or MAC and
-parameter budgets:
+TorchScript, ONNX Runtime, OpenVINO) at the stated batch sizes and threads, and/or MAC,
+parameter and bytes-on-disk budgets:
 
 * the space (:mod:`~slimkit.search.space`) comes from the model's dependency graph, fine (one ratio
   per channel group) or coarse (per stage) by its size;
@@ -16,7 +16,9 @@ parameter budgets:
 * the chosen policy is applied, fine-tuned with KD from the original (data-parallel under
   torchrun, :mod:`~slimkit.search.finetune`), quantized to int8 when the runtime gains from it
   (or layer by layer as the policy says, with ``space`` ``bits``), exported and verified, and
-  saved with the policy and a summary of the study in its provenance.
+  saved with the policy and a summary of the study in its provenance; a sparse or shared-weight
+  policy (``space`` ``sparsity``, ``share``, under a size budget) is retrained with its masks and
+  codebooks held and also written as a packed file (``model.slimpack``), its bytes the result.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .space import Dimension, PruningSpace, policy_text
 from .study import SAMPLERS
 
 __all__ = ["EXPORT_FORMATS", "PROBLEMS", "SAMPLERS", "Dimension", "PruningProblem", "PruningSpace", "QuadraticProblem",
-           "SearchConfig", "export_verified", "int8_if_faster", "parse_duration", "policy_text", "search"]
+           "SearchConfig", "export_verified", "int8_if_faster", "parse_duration", "policy_text", "retrain_weights",
+           "search"]
 
 EXPORT_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino", "torchscript": "torchscript"}
 
@@ -143,13 +146,15 @@ def finish(problem: PruningProblem, study, job: dict, model: nn.Module, out_dir:
                                   c.threads)
     chosen, finalists = choose(rows, measure, c.target_latency, c.finalists, log)
     key = cost_key(rows)
-    budget = c.target_latency if key == "latency_ratio" else (c.target_macs or c.target_params or 1.0)
+    budget = {"latency_ratio": c.target_latency, "size_ratio": c.target_size}.get(key) or (c.target_macs or
+                                                                                          c.target_params or 1.0)
     front = pareto_front(rows)
     results = {"study": summary, "config": c.to_dict(), "cost_key": key, "chosen": chosen, "finalists": finalists,
                "per_budget": per_budget(rows, budget, key), "pareto": front,
                "warm_starts": [r for r in rows if r["warm_start"]]}
-    results["plot"] = plot(rows, front, os.path.join(out_dir, "pareto.png"), budget if key == "latency_ratio" else
-                           c.target_macs, f"{job['study']}: {complete} trials")
+    results["plot"] = plot(rows, front, os.path.join(out_dir, "pareto.png"),
+                           budget if key in ("latency_ratio", "size_ratio") else c.target_macs,
+                           f"{job['study']}: {complete} trials")
     log(f"chosen trial {chosen['trial']}: proxy {chosen['proxy']:.4f}, {key} {chosen[key]:.3f}: "
         f"{policy_text(chosen['policy'])}")
     results["final"], results["export"], results["artifact"] = final_model(problem, job, model, chosen, summary,
@@ -167,11 +172,13 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
 
     c, data = problem.config, problem.data
     test = data.loader("test", 256)
+    weighted = bool(problem.space.density_layers or problem.space.codebook_layers)
     final = recalibrate_bn(problem.space.apply(chosen["policy"]), problem.calib)
     out = {"test_top1_original": evaluate(model, test)["top1"], "test_top1_applied": evaluate(final, test)["top1"]}
     if c.finetune_epochs:
         t0 = time.perf_counter()
-        final = _finetune(final, model, job, out_dir, log)
+        final = (retrain_weights(problem, model, job, chosen["policy"], out_dir, log) if weighted else
+                 _finetune(final, model, job, out_dir, log))
         out["finetune_seconds"] = time.perf_counter() - t0
         out["test_top1_finetuned"] = evaluate(final, test)["top1"]
     out["test_top1"] = out.get("test_top1_finetuned", out["test_top1_applied"])
@@ -188,6 +195,8 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
                        "keep_float": problem.space.keep_float(chosen["policy"], final)}
         log("int8 from the policy: " + (f"{len(out['int8']['keep_float'])} layer(s) left in float"
                                         if quantized is not None else "every layer float"))
+    elif weighted:  # int8 would re-quantize the shared values and add nothing to a packed file's codebooks
+        out["int8"] = {"used": False, "reason": "a sparse or shared-weight policy ships as a packed file"}
     elif c.quantize != "never" and c.runtime != "compile":
         quantized, out["int8"] = _maybe_int8(problem, final, log)
     if quantized is not None:
@@ -198,6 +207,17 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
     out.update({"macs_ratio": p1.macs / p0.macs, "params_ratio": p1.params / p0.params,
                 "bytes": file_bytes(final), "bytes_original": file_bytes(model),
                 "int8_kept": quantized is not None})
+    if c.target_size is not None:
+        from ..sparse import pack
+        from ..sparse.masks import prunable_layers, report
+
+        # what a size budget is measured on: the packed file, next to the artifact
+        packed = pack(final, os.path.join(out_dir, "model.slimpack"),
+                      meta={"input_size": list(problem.example.shape[1:]), "dataset": job["data"]})
+        out.update({"packed": packed, "bytes_packed": os.path.getsize(packed),
+                    "size_ratio": os.path.getsize(packed) / out["bytes_original"]})
+        out["meets_size_budget"] = out["size_ratio"] <= c.target_size
+        out["layers"], out["sparsity"] = report(prunable_layers(final))
     out["latency"] = _measure(model, final, problem, c)
     out["meets_latency_budget"] = (None if c.target_latency is None else
                                    max(v["ratio"] for v in out["latency"].values()) <= c.target_latency)
@@ -219,24 +239,71 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
         exported = export_verified(final, fmt, out_dir, threads=c.threads, input_size=tuple(problem.example.shape[1:]),
                                    data=problem.data, log=log)
     log(f"final: test top-1 {out['test_top1_original']:.4f} -> {out['test_top1']:.4f}, {out['macs_ratio']:.3f}x MACs, "
-        + ", ".join(f"bs{b} {v['ratio']:.3f}x latency" for b, v in out["latency"].items()) + f"; wrote {artifact}")
+        + ", ".join(f"bs{b} {v['ratio']:.3f}x latency" for b, v in out["latency"].items())
+        + (f", {out['bytes_packed']:,} bytes packed ({out['size_ratio']:.4f}x)" if "size_ratio" in out else "")
+        + f"; wrote {artifact}")
     return out, exported, artifact
 
 
-def _finetune(student: nn.Module, teacher: nn.Module, job: dict, out_dir: str, log: Callable[[str], None]):
-    """KD fine-tune in this process, or in ``finetune_procs`` processes under torchrun."""
+def retrain_weights(problem: PruningProblem, teacher: nn.Module, job: dict, policy: dict, out_dir: str,
+                    log: Callable[[str], None] = print, epochs: int | None = None) -> nn.Module:
+    """The model of a sparse / shared-weight ``policy``, retrained as Deep Compression does (Han et al., ICLR 2016).
+
+    The sparse model is trained with its masks held, then its codebooks are clustered and only the
+    centroids trained, with KD from ``teacher`` in both; the epochs (``finetune_epochs``, or
+    ``epochs``) are split as the compress job's size plan splits them (70% sparse).
+
+    Args:
+        problem: the search's problem (its space builds the policy; its calibration batches re-estimate BN).
+        teacher: the original model.
+        job: the search job (dataset, seed, learning rate).
+        policy: densities and codebook bits (and whatever else the space searches).
+        out_dir: the search's folder.
+        log: progress lines.
+        epochs: retraining epochs in all (default: the config's ``finetune_epochs``).
+
+    Returns:
+        The retrained model, masks and codebooks baked into plain weights.
+    """
+    from ..sparse import bake, bake_shared
+    from ..sparse.sizes import SPARSE_EPOCH_SHARE
+    from .evaluate import recalibrate_bn
+    from .space import weight_stages
+
+    space = problem.space
+    epochs = problem.config.finetune_epochs if epochs is None else epochs
+    shared_epochs = (0 if not space.codebook_layers else epochs if not space.density_layers else
+                     max(0, epochs - max(1, round(SPARSE_EPOCH_SHARE * epochs))))
+    sparse = {k: v for k, v in policy.items() if not k.startswith("codebook:")}  # codebooks come after
+    student = recalibrate_bn(space.apply(sparse, hold=True), problem.calib)
+    if epochs - shared_epochs:
+        student = _finetune(student, teacher, job, out_dir, log, epochs=epochs - shared_epochs,
+                            what="with its masks held")
+    bake(student)
+    if space.codebook_layers:
+        weight_stages(student, {}, space.owned(space.codebook_layers, policy, student, None), hold=bool(shared_epochs))
+        if shared_epochs:
+            student = bake_shared(_finetune(student, teacher, job, out_dir, log, epochs=shared_epochs,
+                                            what="training the codebooks' centroids only"))
+    return student.eval()
+
+
+def _finetune(student: nn.Module, teacher: nn.Module, job: dict, out_dir: str, log: Callable[[str], None],
+              epochs: int | None = None, what: str = ""):
+    """KD fine-tune (``finetune_epochs``, or ``epochs``) in this process, or in ``finetune_procs`` processes under
+    torchrun."""
     from ..artifact import load, save
     from .finetune import finetune
 
     c = SearchConfig.from_dict(job["config"])
-    log(f"fine-tuning {c.finetune_epochs} epochs with KD from the original"
+    epochs = c.finetune_epochs if epochs is None else epochs
+    log(f"fine-tuning {epochs} epochs with KD from the original" + (f", {what}" if what else "")
         + (f" in {c.finetune_procs} processes (torchrun)" if c.finetune_procs > 1 else ""))
     if c.finetune_procs == 1:
         from ..data import load as load_data
 
         data = load_data(job["data"], limit=job.get("limit"), seed=c.seed)
-        finetune(student, teacher, data, epochs=c.finetune_epochs, lr=c.lr, seed=c.seed,
-                 input_size=tuple(job["input_size"]))
+        finetune(student, teacher, data, epochs=epochs, lr=c.lr, seed=c.seed, input_size=tuple(job["input_size"]))
         return student
     from ..artifact import atomic_write_text
 
@@ -244,7 +311,7 @@ def _finetune(student: nn.Module, teacher: nn.Module, job: dict, out_dir: str, l
     os.makedirs(tmp, exist_ok=True)
     ft = {"student": save(student, os.path.join(tmp, "student.safetensors")),
           "teacher": save(teacher, os.path.join(tmp, "teacher.safetensors")), "data": job["data"],
-          "limit": job.get("limit"), "data_seed": c.seed, "seed": c.seed, "epochs": c.finetune_epochs, "lr": c.lr,
+          "limit": job.get("limit"), "data_seed": c.seed, "seed": c.seed, "epochs": epochs, "lr": c.lr,
           "input_size": job["input_size"], "threads": c.threads, "out": os.path.join(tmp, "tuned.safetensors")}
     path = os.path.join(tmp, "job.json")
     atomic_write_text(path, json.dumps(ft))

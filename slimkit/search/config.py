@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..config import MethodConfig, option
 from .study import SAMPLERS
 
-SPACES = ("prune", "blocks", "rank", "bits")
+SPACES = ("prune", "blocks", "rank", "bits", "sparsity", "share")
 RUNTIMES = ("eager", "torchscript", "compile", "onnxruntime", "openvino")
 
 
@@ -41,6 +41,10 @@ class SearchConfig(MethodConfig):
                                        low_inclusive=False)
     target_params: float | None = option(None, "parameter budget: this fraction of the original's", low=0, high=1,
                                          low_inclusive=False)
+    target_size: float | None = option(None, "size budget: this fraction of the original's bytes on disk, the "
+                                             "candidate written as `slimkit pack` writes it (sparse indices, "
+                                             "codebooks, Huffman) against the original's safetensors file",
+                                       low=0, high=1, low_inclusive=False)
     runtime: str = option("eager", "the runtime the latency budget is measured on", choices=RUNTIMES)
     batch_sizes: tuple[int, ...] = option((1,), "batch sizes the latency budget holds at", low=1)
     threads: int = option(1, "runtime threads while timing", low=1)
@@ -55,7 +59,9 @@ class SearchConfig(MethodConfig):
     space: tuple[str, ...] = option(("prune", "blocks"), "what is searched: prune (channel keep ratios), blocks "
                                                         "(residual blocks to remove), rank (Tucker-2 decomposition "
                                                         "rank per kxk conv, 1 = whole), bits (int8 or float per "
-                                                        "conv/linear layer, timed whole on the runtime)",
+                                                        "conv/linear layer, timed whole on the runtime), sparsity "
+                                                        "(fraction of each conv/linear layer's weights kept, by "
+                                                        "magnitude), share (k-means codebook bits per layer, 2-8)",
                                   choices=SPACES)
     granularity: str = option("auto", "fine: a ratio per channel group; coarse: per stage; auto: fine up to 24 "
                                       "groups", choices=("auto", "fine", "coarse"))
@@ -83,8 +89,9 @@ class SearchConfig(MethodConfig):
                            choices=("auto", "always", "never"))
 
     def validate(self) -> None:
-        if not (self.target_latency or self.target_macs or self.target_params):
-            raise self.error(None, "give a budget: {target_latency}, {target_macs} or {target_params}")
+        if not (self.target_latency or self.target_macs or self.target_params or self.target_size):
+            raise self.error(None, "give a budget: {target_latency}, {target_macs}, {target_params} or "
+                                   "{target_size}")
         try:
             parse_duration(self.time_budget)
         except ValueError as e:
@@ -102,6 +109,17 @@ class SearchConfig(MethodConfig):
         if "bits" in self.space and self.runtime == "compile":
             raise self.error("space", "bits needs a runtime that runs int8 kernels: eager, torchscript, onnxruntime "
                                       "or openvino, not compile")
+        weights = [s for s in ("sparsity", "share") if s in self.space]
+        if weights and self.target_size is None:
+            raise self.error("space", f"searching {' and '.join(weights)} changes only the bytes on disk (the "
+                                      "layers stay dense for every runtime and MAC count): it needs a size "
+                                      "budget ({target_size})")
+        if weights and "bits" in self.space:
+            raise self.error("space", "bits (int8 kernels) and sparsity/share (a packed file) make different "
+                                      "models: search one or the other")
+        if weights and self.finetune_procs > 1:
+            raise self.error("finetune_procs", f"the fine-tune of a {' and '.join(weights)} policy holds masks or "
+                                               "codebooks in this process: use one process")
         for w in self.warm_start:
             if w not in ("uniform", "sensitivity", "depth") and not w.endswith(".json"):
                 raise self.error("warm_start", f"{w!r} is not uniform, sensitivity, depth or a results.json")

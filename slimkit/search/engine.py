@@ -11,6 +11,7 @@ one-worker study repeats exactly) or as ``python -m slimkit.search.worker`` proc
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -43,7 +44,8 @@ def model_digest(model: nn.Module) -> str:
 
 def default_study_name(model_name: str, config: SearchConfig) -> str:
     budget = "-".join(f"{k}{v:g}" for k, v in (("lat", config.target_latency), ("macs", config.target_macs),
-                                               ("params", config.target_params)) if v is not None)
+                                               ("params", config.target_params), ("size", config.target_size))
+                      if v is not None)
     base = os.path.basename(str(model_name)).split(".")[0] or "model"
     return f"{base}-{config.runtime}-bs{'_'.join(map(str, config.batch_sizes))}-{budget}"
 
@@ -63,7 +65,8 @@ def prepare(model: nn.Module, data, config: SearchConfig, out_dir: str, *, data_
     space = PruningSpace(model, example, criterion=config.criterion, round_to=config.round_to,
                          granularity=config.granularity, blocks="blocks" in config.space,
                          channels="prune" in config.space, ranks="rank" in config.space,
-                         bits="bits" in config.space)
+                         bits="bits" in config.space, sparsity="sparsity" in config.space,
+                         share="share" in config.space)
     t0 = time.perf_counter()
     space.build(held_out_loader(data, 256, config.seed), batches=2)
     kinds = [d.name.split(":")[0] for d in space.dimensions]
@@ -71,6 +74,8 @@ def prepare(model: nn.Module, data, config: SearchConfig, out_dir: str, *, data_
         f"{kinds.count('blocks')} block counts"
         + (f", {kinds.count('rank')} decomposition ranks" if space.ranks else "")
         + (f", {kinds.count('int8')} int8 flags" if space.bits else "")
+        + (f", {kinds.count('density')} weight densities" if space.sparsity else "")
+        + (f", {kinds.count('codebook')} codebook widths" if space.share else "")
         + f") in {time.perf_counter() - t0:.1f}s")
     table = None
     table_path = os.path.join(out_dir, TABLE)
@@ -94,7 +99,9 @@ def prepare(model: nn.Module, data, config: SearchConfig, out_dir: str, *, data_
            "trials": config.trials, "threads": config.threads}
     job["fingerprint"] = {"problem": "pruning", "model": model_digest(model),
                           "space": hashlib.sha256(json.dumps(job["space"], sort_keys=True).encode()).hexdigest()[:16],
-                          "budget": [config.target_latency, config.target_macs, config.target_params],
+                          # a size budget joins the list only when set: earlier studies keep their fingerprint
+                          "budget": [config.target_latency, config.target_macs, config.target_params]
+                          + ([config.target_size] if config.target_size is not None else []),
                           "runtime": config.runtime, "batch_sizes": list(config.batch_sizes),
                           "threads": config.threads, "sampler": config.sampler,
                           "latency_model": config.latency_model}
@@ -169,6 +176,15 @@ def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Te
     if c.target_params is not None and costs["params_ratio"] > c.target_params:
         misses.append(f"the parameter budget {c.target_params:g} is out of reach: the smallest policy keeps "
                       f"{costs['params_ratio']:.3f} of the parameters")
+    if c.target_size is not None:
+        from ..sparse.sizes import SIZE_MARGIN
+
+        reached["size"] = costs["size_ratio"]
+        if costs["size_ratio"] > SIZE_MARGIN * c.target_size:
+            misses.append(f"the size budget {c.target_size:g} is out of reach: the smallest policy of this space "
+                          f"packs into {costs['bytes']:,} bytes, {costs['size_ratio']:.4f} of the original's "
+                          f"{problem.bytes0:,} (a trial must fit {SIZE_MARGIN:g} of the budget: retraining moves "
+                          "the Huffman statistics)")
     if c.target_latency is not None and costs["latency_ratio"] > c.target_latency:
         measured = measured_ratio(model, cand, example, c.runtime, c.batch_sizes, c.threads)
         reached["latency"] = measured
@@ -180,7 +196,8 @@ def check_reachable(problem: PruningProblem, model: nn.Module, example: torch.Te
         raise OutOfReach("search: " + "; ".join(misses) + " (widen --space or relax the budget)", reached)
     how = "measured" if "int8_layers" in costs or c.latency_model == "measure" else "predicted"
     log(f"smallest policy of the space: {costs['macs_ratio']:.3f}x MACs"
-        + (f", {costs['latency_ratio']:.3f}x {how} latency" if "latency_ratio" in costs else ""))
+        + (f", {costs['latency_ratio']:.3f}x {how} latency" if "latency_ratio" in costs else "")
+        + (f", {costs['size_ratio']:.4f}x bytes on disk" if "size_ratio" in costs else ""))
 
 
 def _fits(problem: PruningProblem, policy: dict) -> bool:
@@ -202,7 +219,11 @@ def warm_starts(problem: PruningProblem, model: nn.Module, log: Callable[[str], 
     space, c = problem.space, problem.config
     floats = [d for d in space.dimensions if d.kind == "float"]
     ints = [d for d in space.dimensions if d.kind == "int"]
-    keeps = sorted({d.clip(k / 8) for d in floats for k in range(2, 9)}, reverse=True) or [1.0]
+    # eighths of a keep ratio; every grid step of a density (a size budget can need 90% sparsity or more)
+    dense = set(space.density_layers.values())
+    keeps = sorted({d.clip(k / 8) for d in floats if d.name not in dense for k in range(2, 9)}
+                   | {round(d.low + i * d.step, 6) for d in floats if d.name in dense
+                      for i in range(round((d.high - d.low) / d.step) + 1)}, reverse=True) or [1.0]
     most = max((int(d.high) for d in ints), default=0)
     out: list[tuple[str, dict]] = []
     for w in c.warm_start:
@@ -230,9 +251,12 @@ def _sensitivity_policy(problem: PruningProblem, model: nn.Module, keeps: list[f
     from ..prune.sensitivity import held_out_loader, sensitivity_ratios
 
     space, c = problem.space, problem.config
-    if not space.groups:
+    if space.density_layers and not space.groups:
+        return _weight_sensitivity_policy(problem, model)
+    goals = [v for v in (c.target_macs, c.target_latency, c.target_params) if v is not None]
+    if not space.groups or not goals:  # a size budget alone says nothing of the MACs to prune channels to
         return None
-    goal = min(v for v in (c.target_macs, c.target_latency, c.target_params) if v is not None)
+    goal = min(goals)
     ratios, _ = sensitivity_ratios(model, problem.example, held_out_loader(problem.data, 256, c.seed),
                                    criterion=c.criterion if c.criterion != "group_l1" else "l1", target_macs=goal,
                                    batches=2, round_to=c.round_to)
@@ -250,6 +274,26 @@ def _sensitivity_policy(problem: PruningProblem, model: nn.Module, keeps: list[f
                                 | {f: int8 for f in flags})
             if _fits(problem, policy):
                 return policy
+    return None
+
+
+def _weight_sensitivity_policy(problem: PruningProblem, model: nn.Module) -> dict | None:
+    """Deep Compression's per-layer sparsities (Han et al. 2015: each layer as sparse as a one-layer scan says it
+    can be for a global target, :func:`slimkit.sparse.sensitivity.plan`), at the least global sparsity that fits,
+    codebooks at the uniform bits."""
+    from ..prune.sensitivity import held_out_loader
+    from ..sparse.sensitivity import plan, scan
+
+    space, c = problem.space, problem.config
+    result = scan(copy.deepcopy(model).eval(), held_out_loader(problem.data, 256, c.seed), batches=2)
+    for target in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95):
+        shape, _ = plan(result, target, "same", model)
+        per_dim: dict[str, list[float]] = {}
+        for layer, dim in space.density_layers.items():
+            per_dim.setdefault(dim, []).append(1.0 - shape.get(layer, 1.0) * target)
+        policy = space.clip(space.uniform(1.0, 0) | {d: sum(v) / len(v) for d, v in per_dim.items()})
+        if _fits(problem, policy):
+            return policy
     return None
 
 

@@ -279,5 +279,17 @@ def file_bytes(model: nn.Module) -> int:
         return os.path.getsize(save(model, os.path.join(tmp, "m.safetensors")))
 
 
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the model packed as ``slimkit pack`` writes it (sparse indices, codebooks, Huffman; a temporary
+    file): what a sparse or shared-weight model costs on disk."""
+    import os
+    import tempfile
+
+    from ..sparse import pack
+
+    with tempfile.TemporaryDirectory(prefix="slimkit-size-") as tmp:
+        return os.path.getsize(pack(model, os.path.join(tmp, "m.slimpack")))
+
+
 def finite(x: float) -> float:
     return x if math.isfinite(x) else float("inf")

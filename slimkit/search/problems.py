@@ -6,8 +6,9 @@ and the latency table. A worker builds its problem from :data:`PROBLEMS` by name
 names is imported or called, and the model comes from a slimkit artifact (no unpickling).
 
 * ``pruning``: the real problem (:class:`PruningProblem`): a policy of channel keep ratios,
-  residual blocks to remove, decomposition ranks and int8 flags (as its space has them), judged
-  by EagleEye's accuracy proxy under MAC, parameter and measured-latency budgets.
+  residual blocks to remove, decomposition ranks, int8 flags, weight densities and codebook bits
+  (as its space has them), judged by EagleEye's accuracy proxy under MAC, parameter,
+  measured-latency and bytes-on-disk budgets.
 * ``quadratic``: a synthetic problem whose constrained best policy is known in closed form
   (:class:`QuadraticProblem`); the tests check the engine (samplers, storage, workers, retries)
   on it in milliseconds per trial.
@@ -102,7 +103,8 @@ class PruningProblem:
     batches): TPE and NSGA-II rank an infeasible trial by its violation alone, so its accuracy would
     be wasted work. GP-based BO models the objective over every trial and gets it for all.
     With ``trial_steps`` a feasible candidate is also fine-tuned for that many SGD steps in two
-    halves, reporting after each, so Optuna's median pruner stops the ones falling behind.
+    halves, reporting after each, so Optuna's median pruner stops the ones falling behind (a sparse
+    or shared-weight candidate with its masks and codebooks held).
     """
 
     def __init__(self, job: dict, *, model=None, data=None, table=None) -> None:
@@ -132,6 +134,10 @@ class PruningProblem:
         self.dimensions = self.space.dimensions
         ref = profile(self.model, self.example)
         self.macs0, self.params0 = ref.macs, ref.params
+        if c.target_size is not None:
+            from .evaluate import file_bytes
+
+            self.bytes0 = file_bytes(self.model)
         self.table = table
         if self.table is None and c.target_latency is not None and c.latency_model == "table":
             saved = _read_json(job["latency_table"]) if job.get("latency_table") else None
@@ -146,7 +152,8 @@ class PruningProblem:
         """The model ``policy`` makes and its costs: MAC, parameter and latency ratios, budget violations.
 
         A policy with int8 layers (``--space bits``) gives the int8 model (:meth:`int8`) and is timed
-        whole on the runtime: the per-layer table knows float layers only.
+        whole on the runtime: the per-layer table knows float layers only. With a size budget the
+        candidate is packed (:func:`slimkit.sparse.pack`) and its bytes on disk counted.
         """
         from ..profile import profile
 
@@ -177,6 +184,14 @@ class PruningProblem:
             violations.append(costs["macs_ratio"] - c.target_macs)
         if c.target_params is not None:
             violations.append(costs["params_ratio"] - c.target_params)
+        if c.target_size is not None:
+            from ..sparse.sizes import SIZE_MARGIN
+            from .evaluate import packed_bytes
+
+            costs["bytes"] = packed_bytes(cand)
+            costs["size_ratio"] = costs["bytes"] / self.bytes0
+            # with a margin: the final file holds retrained weights, whose codes Huffman-code a little differently
+            violations.append(costs["size_ratio"] - SIZE_MARGIN * c.target_size)
         costs["constraints"] = violations
         return cand, costs
 
@@ -202,8 +217,8 @@ class PruningProblem:
         return self.int8(cand, policy) if self.space.quantized(policy) else cand
 
     def cost(self, costs: dict) -> float:
-        """The second objective of a Pareto search: predicted latency, else MACs."""
-        return costs.get("latency_ratio", costs["macs_ratio"])
+        """The second objective of a Pareto search: predicted latency, else bytes on disk, else MACs."""
+        return costs.get("latency_ratio", costs.get("size_ratio", costs["macs_ratio"]))
 
     def objective(self, trial):
         import optuna
@@ -221,7 +236,9 @@ class PruningProblem:
             acc = accuracy_proxy(cand, self.calib, self.val)  # an int8 model has no BN left to re-estimate
             steps = self.config.trial_steps if ok else 0
             int8 = self.space.quantized(policy)  # an int8 model does not train: tune its float candidate, re-quantize
-            tuned = self.space.apply(policy) if steps and int8 else cand
+            # a sparse or shared candidate trains with its masks and codebooks held, so it stays what was measured
+            held = self.space.density_layers or self.space.codebook_layers
+            tuned = self.space.apply(policy, hold=True) if steps and (int8 or held) else cand
             for half in range(2 if steps else 0):
                 self._tune(tuned, steps // 2, seed=self.config.seed + trial.number * 2 + half)
                 acc = accuracy_proxy(self.int8(tuned, policy) if int8 else tuned, self.calib, self.val)

@@ -1,8 +1,9 @@
 """What a finished study says: its trials as rows, the Pareto front, the best policy per budget, the plot.
 
-Every completed trial becomes a row: the policy, the accuracy proxy, the MAC and parameter ratios
-and the predicted latency ratio per batch size. The Pareto front is over accuracy (higher), latency
-(lower; MACs when the study has no latency budget) and parameters (lower), among all completed
+Every completed trial becomes a row: the policy, the accuracy proxy, the MAC and parameter ratios,
+the predicted latency ratio per batch size and the packed bytes on disk. The Pareto front is over
+accuracy (higher), latency (lower; bytes on disk when the study has a size budget and no latency
+one, else MACs) and parameters (lower), among all completed
 trials, so a user sees what a looser or tighter budget would have bought. :func:`choose` takes the
 best feasible rows by proxy and measures each whole on the runtime (the closed loop), keeping the
 first that meets the budget as measured: no reported result violates its budget on the machine.
@@ -28,6 +29,7 @@ def trial_rows(study) -> list[dict]:
         rows.append({"trial": t.number, "policy": a["policy"], "proxy": float(t.values[0]),
                      "macs_ratio": a.get("macs_ratio"), "params_ratio": a.get("params_ratio"),
                      "latency_ratio": a.get("latency_ratio"), "latency": a.get("latency"),
+                     "size_ratio": a.get("size_ratio"), "bytes": a.get("bytes"),
                      "feasible": all(c <= 0 for c in a.get("constraints", [0.0])),
                      "evaluated": a.get("proxy") != "skipped: over budget",
                      "int8_layers": a.get("int8_layers", 0), "warm_start": a.get("warm_start")})
@@ -36,7 +38,16 @@ def trial_rows(study) -> list[dict]:
 
 
 def cost_key(rows: list[dict]) -> str:
-    return "latency_ratio" if any(r.get("latency_ratio") is not None for r in rows) else "macs_ratio"
+    """The cost a study is read by: latency when it has a latency budget, else bytes on disk, else MACs."""
+    for key in ("latency_ratio", "size_ratio"):
+        if any(r.get(key) is not None for r in rows):
+            return key
+    return "macs_ratio"
+
+
+AXIS_LABELS = {"latency_ratio": "predicted latency (fraction of the original)",
+               "size_ratio": "packed bytes on disk (fraction of the original's file)",
+               "macs_ratio": "MACs (fraction of the original)"}
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -140,8 +151,7 @@ def plot(rows: list[dict], front: list[dict], path: str, budget: float | None, t
     ax.plot([r[key] for r in front], [r["proxy"] for r in front], "r-o", ms=4, lw=1, label="Pareto front")
     if budget is not None:
         ax.axvline(budget, color="grey", ls="--", lw=1, label=f"budget {budget:g}")
-    ax.set_xlabel("predicted latency (fraction of the original)" if key == "latency_ratio" else
-                  "MACs (fraction of the original)")
+    ax.set_xlabel(AXIS_LABELS[key])
     ax.set_ylabel("accuracy proxy (top-1, BN re-estimated)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
@@ -166,7 +176,8 @@ def markdown(results: dict) -> str:
              f"{s['complete']} trials complete ({s['pruned']} pruned, {s['failed']} failed) in {s['seconds']:.0f} s "
              f"({s['seconds_per_trial']:.2f} s per trial, {s['trials_per_hour']:.0f} per hour); storage "
              f"{s['storage']}.", "",
-             f"Chosen: trial {ch['trial']}, proxy {ch['proxy']:.4f}, {key} {ch[key]:.3f} predicted"
+             f"Chosen: trial {ch['trial']}, proxy {ch['proxy']:.4f}, {key} {ch[key]:.3f} "
+             + {"latency_ratio": "predicted", "size_ratio": "packed"}.get(key, "counted")
              + (f", {ch['measured_ratio']:.3f} measured" if ch.get("measured_ratio") is not None else "")
              + f": {policy_text(ch['policy'])}", ""]
     if results.get("finalists"):
