@@ -12,6 +12,7 @@ import torch
 import slimkit
 from slimkit.errors import SlimkitError
 from slimkit.search import PruningSpace, SearchConfig, search
+from slimkit.search.problems import PruningProblem
 from slimkit.search.space import weight_stages
 from slimkit.sparse.masks import prunable_layers
 
@@ -46,19 +47,32 @@ def test_the_weight_spaces_give_each_layer_a_density_and_a_codebook_the_candidat
     w = mods["layer2.0.conv1"].weight
     assert _density(mods["layer2.0.conv1"]) == pytest.approx(0.3, abs=1.0 / w.numel())
     assert len(w[w != 0].unique()) <= 2**3
-    assert _density(mods["linear"]) == pytest.approx(0.5, abs=0.01) and len(mods["linear"].weight.unique()) <= 257
+    lw = mods["linear"].weight
+    assert _density(mods["linear"]) == pytest.approx(0.5, abs=1.0 / lw.numel()) and len(lw[lw != 0].unique()) <= 256
     assert mods["conv1"].weight.unique().numel() <= 2**4 + 1  # uniform's codebooks: 4 bits and the zero
     assert space.model is model and _density(model.layer2[0].conv1) == 1.0  # a copy: the original keeps its weights
 
-    # with hold, masks and codebooks stay attached: a training step keeps zeros zero and codes shared
+    # with hold, masks and codebooks stay attached: a training step moves the centroids, keeps zeros zero and
+    # codes shared; baked afterwards, every layer is a plain trainable one again
+    from slimkit.sparse import bake_shared
+
     held = space.apply(policy, hold=True)
     conv = dict(held.named_modules())["layer2.0.conv1"]
-    zeros = conv.weight == 0
+    before = conv.weight.detach().clone()
+    zeros = before == 0
     opt = torch.optim.SGD([p for p in held.parameters() if p.requires_grad], lr=0.5)
     held.train()
     held(torch.randn(8, 1, 8, 8)).square().mean().backward()
     opt.step()
-    assert torch.equal(conv.weight == 0, zeros) and len(conv.weight[~zeros].unique()) <= 2**3
+    after = conv.weight.detach()
+    assert not torch.equal(after, before)
+    assert torch.equal(after == 0, zeros) and len(after[~zeros].unique()) <= 2**3
+    bake_shared(held)
+    from torch.nn.utils import parametrize
+
+    for name, m in prunable_layers(held):
+        assert not parametrize.is_parametrized(m) and m.weight.requires_grad, name
+    assert torch.equal(conv.weight.detach(), after)
 
     # a worker rebuilds the same space from its description
     again = PruningSpace.from_description(model, example, space.describe())
@@ -80,10 +94,15 @@ def test_a_size_budget_search_meets_the_packed_bytes_and_the_retrain_keeps_the_p
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = SearchConfig(target_size=0.06, space=("sparsity", "share"), trials=8, warm_start=("uniform", "sensitivity"),
                        calib_batches=1, val_batches=1, finetune_epochs=2, runtime="onnxruntime")
-    r = search(model, "digits", cfg, str(tmp_path), limit=300, data=data, log=quiet)
+    lines = []
+    r = search(model, "digits", cfg, str(tmp_path), limit=300, data=data, log=lines.append)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in model.parameters())  # the KD teacher froze a copy, not the caller's model
     assert r["cost_key"] == "size_ratio"
+    # Deep Compression's retrain: one epoch with the masks held, then one training only the centroids
+    assert any("1 epochs with KD from the original, with its masks held" in ln for ln in lines)
+    assert any("1 epochs with KD from the original, training the codebooks' centroids only" in ln for ln in lines)
     assert {w["warm_start"] for w in r["warm_starts"]} == {"uniform", "sensitivity"}
     assert r["chosen"]["size_ratio"] <= 0.06 and r["chosen"]["bytes"] > 0
     final = r["final"]
@@ -98,17 +117,39 @@ def test_a_size_budget_search_meets_the_packed_bytes_and_the_retrain_keeps_the_p
     # the retrain held the policy: each layer as sparse as its density says, its non-zeros in 2**bits values
     policy = r["chosen"]["policy"]
     art = slimkit.load(r["artifact"]).eval()
+    applied = PruningProblem(job_doc := json.load(open(tmp_path / "search.json")), model=model, data=data).space.apply(
+        policy)
+    untrained = dict(applied.named_modules())
+    moved = 0
     for name, m in prunable_layers(art):
         w = m.weight.detach()
-        assert _density(m) <= policy[f"density:{name}"] + 1.0 / w.numel(), name
+        assert _density(m) == pytest.approx(policy[f"density:{name}"], abs=1.0 / w.numel()), name
         assert len(w[w != 0].unique()) <= 2 ** policy[f"codebook:{name}"], name
+        moved += not torch.equal(w, untrained[name].weight.detach())
+    assert moved  # the retrain trained the shared values
     assert final["sparsity"] > 0.3
     # the packed file is the same model
     x = torch.randn(4, 1, 8, 8)
     assert torch.allclose(slimkit.load(str(packed)).eval()(x), art(x), atol=1e-5)
-    assert "packed bytes on disk" in open(tmp_path / "results.md").read() or r["plot"]
-    job = json.load(open(tmp_path / "search.json"))
-    assert job["fingerprint"]["budget"][-1] == 0.06 and "size0.06" in job["study"]
+    assert "size_ratio" in open(tmp_path / "results.md").read()
+    assert job_doc["fingerprint"]["budget"][-1] == 0.06 and "size0.06" in job_doc["study"]
+
+
+def test_pruned_channels_with_codebooks_train_their_weights_before_the_codebooks(digits_model, tmp_path):
+    model, data = digits_model
+    cfg = SearchConfig(target_size=0.12, space=("prune", "share"), trials=4, warm_start=("uniform",),
+                       calib_batches=1, val_batches=1, finetune_epochs=1)
+    lines = []
+    r = search(model, "digits", cfg, str(tmp_path), limit=300, data=data, log=lines.append)
+    policy = r["chosen"]["policy"]
+    # one epoch: all of it for the cut network's weights, the codebooks clustered after without a centroid epoch
+    assert any("fine-tuning 1 epochs with KD from the original" in ln and "centroids" not in ln for ln in lines)
+    assert any("without a centroid fine-tune" in ln for ln in lines)
+    art = slimkit.load(r["artifact"]).eval()
+    for name, m in prunable_layers(art):
+        w = m.weight.detach()
+        assert len(w[w != 0].unique()) <= 2 ** policy[f"codebook:{name}"], name
+    assert r["final"]["size_ratio"] <= 0.12
 
 
 def test_an_unreachable_size_budget_names_the_smallest_file_and_weight_spaces_need_a_size_budget(digits_model,
@@ -122,6 +163,8 @@ def test_an_unreachable_size_budget_names_the_smallest_file_and_weight_spaces_ne
         SearchConfig(target_macs=0.5, space=("prune", "sparsity"))
     with pytest.raises(SlimkitError, match="one or the other"):
         SearchConfig(target_latency=0.5, target_size=0.1, space=("bits", "share"))
+    with pytest.raises(SlimkitError, match="not with sparsity or share"):
+        SearchConfig(target_size=0.1, space=("sparsity",), quantize="always")
     with pytest.raises(SlimkitError, match="use one process"):
         SearchConfig(target_size=0.1, space=("share",), finetune_procs=2)
 

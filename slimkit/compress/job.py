@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..errors import SlimkitError
-from ..sparse.sizes import SIZE_MARGIN
 from .config import CompressConfig
 
 STATE = "compress.json"
@@ -324,6 +323,7 @@ def step_sparsity(job: Job, plan: dict) -> dict:
     from ..artifact import save
     from ..prune.sensitivity import held_out_loader
     from ..sparse import ShareConfig, SparsifyConfig, pack, share, sparsify
+    from ..sparse.sizes import SIZE_MARGIN
     from ..train import evaluate
 
     c = job.config

@@ -27,7 +27,6 @@ import time
 import torch
 from torch import nn
 
-from ..sparse.sizes import SPARSE_EPOCH_SHARE
 from .config import CompressConfig
 
 SEARCH_SHARE = 0.35  # of the time budget; the fine-tune gets FINETUNE_SHARE, the rest measures, exports, reports
@@ -101,6 +100,8 @@ def make_plan(model: nn.Module, config: CompressConfig, example: torch.Tensor, d
     plan = {"target": config.target, "kind": kind, "fraction": fraction, "runtime": config.runtime,
             "batch_sizes": list(config.batch_sizes), "time_budget_s": budget, "epoch_seconds": per_epoch}
     if kind == "size":
+        from ..sparse.sizes import SPARSE_EPOCH_SHARE
+
         epochs = config.finetune_epochs if config.finetune_epochs is not None else _epochs(
             budget * SIZE_FINETUNE_SHARE, per_epoch)
         sparse_epochs = max(1, round(epochs * SPARSE_EPOCH_SHARE)) if epochs else 0

@@ -88,6 +88,9 @@ def search(model: nn.Module, data_spec: str, config: SearchConfig, out_dir: str,
     from .study import open_storage, open_study, storage_url
 
     t_start = time.time()
+    # the final fine-tune's KD teacher freezes the model it is given (its contract): that is this copy, so the
+    # caller's model stays trainable and a second search in the same process can fine-tune again
+    model = copy.deepcopy(model).eval()
     open_storage(storage_url(config.storage, out_dir))  # a storage that does not connect fails before any work
     data = data if data is not None else load_data(data_spec, limit=limit, seed=config.seed)
     input_size = tuple(input_size or data.info.input_size)
@@ -173,7 +176,7 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
     c, data = problem.config, problem.data
     test = data.loader("test", 256)
     weighted = bool(problem.space.density_layers or problem.space.codebook_layers)
-    final = recalibrate_bn(problem.space.apply(chosen["policy"]), problem.calib)
+    final = _trainable(recalibrate_bn(problem.space.apply(chosen["policy"]), problem.calib))
     out = {"test_top1_original": evaluate(model, test)["top1"], "test_top1_applied": evaluate(final, test)["top1"]}
     if c.finetune_epochs:
         t0 = time.perf_counter()
@@ -208,15 +211,8 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
                 "bytes": file_bytes(final), "bytes_original": file_bytes(model),
                 "int8_kept": quantized is not None})
     if c.target_size is not None:
-        from ..sparse import pack
         from ..sparse.masks import prunable_layers, report
 
-        # what a size budget is measured on: the packed file, next to the artifact
-        packed = pack(final, os.path.join(out_dir, "model.slimpack"),
-                      meta={"input_size": list(problem.example.shape[1:]), "dataset": job["data"]})
-        out.update({"packed": packed, "bytes_packed": os.path.getsize(packed),
-                    "size_ratio": os.path.getsize(packed) / out["bytes_original"]})
-        out["meets_size_budget"] = out["size_ratio"] <= c.target_size
         out["layers"], out["sparsity"] = report(prunable_layers(final))
     out["latency"] = _measure(model, final, problem, c)
     out["meets_latency_budget"] = (None if c.target_latency is None else
@@ -229,10 +225,19 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
                            "study": {k: summary[k] for k in ("name", "sampler", "complete", "pruned", "failed",
                                                              "trials_per_hour", "dimensions")},
                            "metrics": {k: out[k] for k in ("test_top1", "macs_ratio", "params_ratio")}})
-    artifact = save(final, os.path.join(out_dir, "model.safetensors"),
-                    meta={"input_size": list(problem.example.shape[1:]), "dataset": job["data"],
-                          "classes": list(data.info.classes), "search": {"policy": chosen["policy"],
-                                                                         "study": summary["name"]}})
+    meta = {"input_size": list(problem.example.shape[1:]), "dataset": job["data"], "classes": list(data.info.classes),
+            "search": {"policy": chosen["policy"], "study": summary["name"]}}
+    artifact = save(final, os.path.join(out_dir, "model.safetensors"), meta=meta)
+    if c.target_size is not None:  # what a size budget is measured on: the packed file, next to the artifact
+        from ..sparse import pack
+
+        packed = pack(final, os.path.join(out_dir, "model.slimpack"), meta=meta)
+        out.update({"packed": packed, "bytes_packed": os.path.getsize(packed),
+                    "size_ratio": os.path.getsize(packed) / out["bytes_original"]})
+        out["meets_size_budget"] = out["size_ratio"] <= c.target_size
+        if not out["meets_size_budget"]:
+            log(f"the packed file is {out['size_ratio']:.4f} of the original's, over the budget {c.target_size:g}: "
+                "the retrain moved the Huffman statistics more than the margin; lower --target-size a little")
     exported = None
     fmt = EXPORT_FORMATS.get(c.runtime)
     if fmt is not None:
@@ -272,20 +277,34 @@ def retrain_weights(problem: PruningProblem, teacher: nn.Module, job: dict, poli
 
     space = problem.space
     epochs = problem.config.finetune_epochs if epochs is None else epochs
-    shared_epochs = (0 if not space.codebook_layers else epochs if not space.density_layers else
+    # the first phase trains the weights themselves: needed whenever the policy changed more than the codebooks
+    # (masks, cut channels, removed blocks, decomposed layers); codebooks alone go straight to the centroids
+    reshaped = bool(space.density_layers or space.groups or space.block_order or space.rank_layers)
+    shared_epochs = (0 if not space.codebook_layers else epochs if not reshaped else
                      max(0, epochs - max(1, round(SPARSE_EPOCH_SHARE * epochs))))
     sparse = {k: v for k, v in policy.items() if not k.startswith("codebook:")}  # codebooks come after
-    student = recalibrate_bn(space.apply(sparse, hold=True), problem.calib)
+    student = _trainable(recalibrate_bn(space.apply(sparse, hold=True), problem.calib))
     if epochs - shared_epochs:
         student = _finetune(student, teacher, job, out_dir, log, epochs=epochs - shared_epochs,
-                            what="with its masks held")
+                            what="with its masks held" if space.density_layers else "")
     bake(student)
     if space.codebook_layers:
         weight_stages(student, {}, space.owned(space.codebook_layers, policy, student, None), hold=bool(shared_epochs))
         if shared_epochs:
             student = bake_shared(_finetune(student, teacher, job, out_dir, log, epochs=shared_epochs,
                                             what="training the codebooks' centroids only"))
+        else:  # clustering moved every weight: the batch norms see new activations
+            log("codebooks clustered without a centroid fine-tune (no epoch left for it); batch norms re-estimated")
+            student = recalibrate_bn(student, problem.calib)
     return student.eval()
+
+
+def _trainable(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter trainable: a candidate copied from a model a KD teacher froze (the original,
+    once a fine-tune has used it as teacher) would have nothing left to train."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def _finetune(student: nn.Module, teacher: nn.Module, job: dict, out_dir: str, log: Callable[[str], None],

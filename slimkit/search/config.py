@@ -117,6 +117,9 @@ class SearchConfig(MethodConfig):
         if weights and "bits" in self.space:
             raise self.error("space", "bits (int8 kernels) and sparsity/share (a packed file) make different "
                                       "models: search one or the other")
+        if weights and self.quantize == "always":
+            raise self.error("quantize", "int8 would re-quantize a shared-weight model's values and the packed file "
+                                         "is what a size budget ships: not with sparsity or share")
         if weights and self.finetune_procs > 1:
             raise self.error("finetune_procs", f"the fine-tune of a {' and '.join(weights)} policy holds masks or "
                                                "codebooks in this process: use one process")

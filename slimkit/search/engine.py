@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import SlimkitError
 from .config import SearchConfig
 from .problems import PruningProblem
-from .space import PruningSpace
+from .space import BITS_HIGH, BITS_LOW, UNIFORM_BITS, PruningSpace
 
 JOB = "search.json"
 TABLE = "latency-table.json"
@@ -219,16 +219,15 @@ def warm_starts(problem: PruningProblem, model: nn.Module, log: Callable[[str], 
     space, c = problem.space, problem.config
     floats = [d for d in space.dimensions if d.kind == "float"]
     ints = [d for d in space.dimensions if d.kind == "int"]
-    # eighths of a keep ratio; every grid step of a density (a size budget can need 90% sparsity or more)
     dense = set(space.density_layers.values())
-    keeps = sorted({d.clip(k / 8) for d in floats if d.name not in dense for k in range(2, 9)}
-                   | {round(d.low + i * d.step, 6) for d in floats if d.name in dense
-                      for i in range(round((d.high - d.low) / d.step) + 1)}, reverse=True) or [1.0]
+    keeps = sorted({d.clip(k / 8) for d in floats if d.name not in dense for k in range(2, 9)}, reverse=True) or [1.0]
     most = max((int(d.high) for d in ints), default=0)
     out: list[tuple[str, dict]] = []
     for w in c.warm_start:
         policy = None
-        if w == "uniform":  # the same keep ratio everywhere, blocks only if channels alone cannot meet the budget
+        if w == "uniform" and (space.density_layers or space.codebook_layers):
+            policy = _uniform_weights(problem)
+        elif w == "uniform":  # the same keep ratio everywhere, blocks only if channels alone cannot meet the budget
             policy = _largest_fitting(problem, space.uniform, keeps, list(range(0, most + 1)))
         elif w == "depth":  # blocks first, as few as meet the budget; channels only once every block is gone
             policy = next((p for b in range(1, most + 1) if _fits(problem, p := space.uniform(1.0, b))), None)
@@ -251,9 +250,9 @@ def _sensitivity_policy(problem: PruningProblem, model: nn.Module, keeps: list[f
     from ..prune.sensitivity import held_out_loader, sensitivity_ratios
 
     space, c = problem.space, problem.config
-    if space.density_layers and not space.groups:
-        return _weight_sensitivity_policy(problem, model)
     goals = [v for v in (c.target_macs, c.target_latency, c.target_params) if v is not None]
+    if space.density_layers and (not space.groups or not goals):  # a size budget: Deep Compression's own scan
+        return _weight_sensitivity_policy(problem, model)
     if not space.groups or not goals:  # a size budget alone says nothing of the MACs to prune channels to
         return None
     goal = min(goals)
@@ -264,14 +263,35 @@ def _sensitivity_policy(problem: PruningProblem, model: nn.Module, keeps: list[f
     for producer, dim in space.groups.items():
         if producer in ratios:
             keep.setdefault(dim, []).append(1.0 - ratios[producer])
-    base = {d.name: (sum(keep[d.name]) / len(keep[d.name]) if d.name in keep else 1.0) if d.kind == "float" else 0
-            for d in space.dimensions}  # no block removed
+    dense = set(space.density_layers.values())
+    # no block removed, weights dense, codebooks at the uniform width; only the channel ratios (and ranks) shrink
+    base = {d.name: (sum(keep[d.name]) / len(keep[d.name]) if d.name in keep else 1.0) if d.kind == "float" else
+            UNIFORM_BITS if d.kind == "bits" else 0 for d in space.dimensions}
     flags = [d.name for d in space.dimensions if d.kind == "flag"]
     for scale in [1.0] + [k for k in keeps if k < 1.0]:
         # every layer int8 first, then every layer float: narrow int8 layers can be the slower ones
         for int8 in ((1, 0) if flags else (0,)):
-            policy = space.clip({k: v * scale if isinstance(v, float) else v for k, v in base.items()}
-                                | {f: int8 for f in flags})
+            policy = space.clip({k: v * scale if isinstance(v, float) and k not in dense else v
+                                 for k, v in base.items()} | {f: int8 for f in flags})
+            if _fits(problem, policy):
+                return policy
+    return None
+
+
+def _uniform_weights(problem: PruningProblem) -> dict | None:
+    """The Deep Compression control: one density everywhere (the largest that fits) and one codebook width (4 bits,
+    fewer only when nothing fits at 4; with codebooks alone, the most bits that fit), channels and blocks kept."""
+    space = problem.space
+    dims = {d.name: d for d in space.dimensions}
+    any_density = next((dims[n] for n in space.density_layers.values()), None)
+    densities = ([round(any_density.high - i * any_density.step, 6)
+                  for i in range(round((any_density.high - any_density.low) / any_density.step) + 1)]
+                 if any_density is not None else [1.0])
+    widths = (list(range(UNIFORM_BITS, BITS_LOW - 1, -1)) if space.density_layers else
+              list(range(BITS_HIGH, BITS_LOW - 1, -1)) if space.codebook_layers else [UNIFORM_BITS])
+    for bits in widths:
+        for d in densities:
+            policy = space.clip(space.uniform(1.0, 0, bits=bits) | {n: d for n in space.density_layers.values()})
             if _fits(problem, policy):
                 return policy
     return None

@@ -312,7 +312,10 @@ def weight_stages(model: nn.Module, densities: dict[str, float], bits: dict[str,
         if not hold:
             bake(model)
     for name, m in prunable_layers(model):
-        if bits.get(name) is not None:  # clustered from the masked weights: a zero's code keeps it zero
+        if bits.get(name) is not None:
+            # clustered from the masked weights, the mask baked first: a zero's code (-1) keeps it zero, and one
+            # parametrization per layer is what bake_shared and the trainable flags expect
+            bake(m)
             attach_shared(m, int(bits[name]))
     if not hold:
         bake_shared(model)
