@@ -47,19 +47,23 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=120)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--trial-steps", type=int, default=0, help="SGD steps each feasible candidate is tuned before its "
+                                                                "proxy is taken (0: the proxy alone)")
     p.add_argument("--policies", type=lambda s: s.split(","), default=["searched", "uniform", "sensitivity"])
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "search-size-bench"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     spec = f"cifar10:{CIFAR}"
+    steps = f"-steps{args.trial_steps}" if args.trial_steps else ""
     data = load(spec, seed=0)
     test = data.loader("test", 256)
     rows = []
     for name in args.models:
         base = slimkit.load(os.path.join(ROOT, "runs", "baselines", f"{name}.safetensors")).eval()
-        folder = os.path.join(args.out, f"{name}-size{args.target:g}")
+        folder = os.path.join(args.out, f"{name}-size{args.target:g}" + steps)
         cfg = SearchConfig(target_size=args.target, space=("sparsity", "share"), trials=args.trials,
-                           warm_start=("uniform", "sensitivity"), finetune_epochs=0, runtime="eager", seed=0)
+                           warm_start=("uniform", "sensitivity"), finetune_epochs=0, runtime="eager", seed=0,
+                           trial_steps=args.trial_steps)
         t0 = time.time()
         results = search(base, spec, cfg, folder, data=data, model_name=name, log=log)
         minutes = (time.time() - t0) / 60
@@ -93,7 +97,9 @@ def main() -> None:
             "(`slimkit pack`: sparse positions, codes, codebooks, Huffman/lzma); a trial must fit 0.95 of it (the "
             f"retrain moves the Huffman statistics). Space `sparsity,share`: per conv/linear layer a density "
             f"(0.05-1 by 0.05, kept by magnitude) and k-means codebook bits (2-8); {args.trials} trials, TPE, "
-            "proxy = top-1 on 1024 validation images after BN re-estimation on 512 training images. Each policy is "
+            "proxy = top-1 on 1024 validation images after BN re-estimation on 512 training images"
+            + (f", each feasible candidate first tuned {args.trial_steps} SGD steps with its masks and codebooks held"
+               if args.trial_steps else "") + ". Each policy is "
             f"then retrained the same way: {args.epochs} epoch(s) of KD from the baseline (SGD lr 0.01 cosine, batch "
             "128; 70% with the masks held, the rest training the centroids only), packed and measured: bytes on "
             "disk and top-1 on the 10,000 CIFAR-10 (JPEG) test images. `uniform`: the largest single density "
@@ -102,8 +108,9 @@ def main() -> None:
             + markdown_table(["model", "policy", "from", "proxy", "size (search)", "bytes packed", "size ratio",
                               "smaller", "sparsity", "bits", "top-1 applied", "top-1 retrained", "delta",
                               "fits"], rows))
-    record(f"search-size{args.target:g}", f"Policy search under a size budget: per-layer sparsity and codebook bits "
-           f"(target {args.target:g} of the file)", body)
+    tuned = f", {args.trial_steps} tuning steps per trial" if steps else ""
+    record(f"search-size{args.target:g}{steps}", f"Policy search under a size budget: per-layer sparsity and codebook "
+           f"bits (target {args.target:g} of the file{tuned})", body)
 
 
 if __name__ == "__main__":
