@@ -100,6 +100,7 @@ def test_a_size_budget_search_meets_the_packed_bytes_and_the_retrain_keeps_the_p
         assert torch.equal(v, before[k]), k
     assert all(p.requires_grad for p in model.parameters())  # the KD teacher froze a copy, not the caller's model
     assert r["cost_key"] == "size_ratio"
+    assert any("--trial-steps 0" in ln for ln in lines)  # the untuned proxy is named as the weak point it is
     # Deep Compression's retrain: one epoch with the masks held, then one training only the centroids
     assert any("1 epochs with KD from the original, with its masks held" in ln for ln in lines)
     assert any("1 epochs with KD from the original, training the codebooks' centroids only" in ln for ln in lines)
