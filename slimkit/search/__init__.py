@@ -210,10 +210,6 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
     out.update({"macs_ratio": p1.macs / p0.macs, "params_ratio": p1.params / p0.params,
                 "bytes": file_bytes(final), "bytes_original": file_bytes(model),
                 "int8_kept": quantized is not None})
-    if c.target_size is not None:
-        from ..sparse.masks import prunable_layers, report
-
-        out["layers"], out["sparsity"] = report(prunable_layers(final))
     out["latency"] = _measure(model, final, problem, c)
     out["meets_latency_budget"] = (None if c.target_latency is None else
                                    max(v["ratio"] for v in out["latency"].values()) <= c.target_latency)
@@ -230,7 +226,9 @@ def final_model(problem: PruningProblem, job: dict, model: nn.Module, chosen: di
     artifact = save(final, os.path.join(out_dir, "model.safetensors"), meta=meta)
     if c.target_size is not None:  # what a size budget is measured on: the packed file, next to the artifact
         from ..sparse import pack
+        from ..sparse.masks import prunable_layers, report
 
+        out["layers"], out["sparsity"] = report(prunable_layers(final))
         packed = pack(final, os.path.join(out_dir, "model.slimpack"), meta=meta)
         out.update({"packed": packed, "bytes_packed": os.path.getsize(packed),
                     "size_ratio": os.path.getsize(packed) / out["bytes_original"]})
@@ -289,7 +287,10 @@ def retrain_weights(problem: PruningProblem, teacher: nn.Module, job: dict, poli
                             what="with its masks held" if space.density_layers else "")
     bake(student)
     if space.codebook_layers:
-        weight_stages(student, {}, space.owned(space.codebook_layers, policy, student, None), hold=bool(shared_epochs))
+        from ..sparse.masks import prunable_layers
+
+        names = [n for n, _ in prunable_layers(student)]
+        weight_stages(student, {}, space.owned(space.codebook_layers, policy, names, None), hold=bool(shared_epochs))
         if shared_epochs:
             student = bake_shared(_finetune(student, teacher, job, out_dir, log, epochs=shared_epochs,
                                             what="training the codebooks' centroids only"))

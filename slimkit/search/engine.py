@@ -11,7 +11,6 @@ one-worker study repeats exactly) or as ``python -m slimkit.search.worker`` proc
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from torch import nn
 from ..errors import SlimkitError
 from .config import SearchConfig
 from .problems import PruningProblem
-from .space import BITS_HIGH, BITS_LOW, UNIFORM_BITS, PruningSpace
+from .space import BITS_HIGH, BITS_LOW, DENSITY_LOW, DENSITY_STEP, UNIFORM_BITS, PruningSpace
 
 JOB = "search.json"
 TABLE = "latency-table.json"
@@ -285,11 +284,8 @@ def _uniform_weights(problem: PruningProblem) -> dict | None:
     """The Deep Compression control: one density everywhere (the largest that fits) and one codebook width (4 bits,
     fewer only when nothing fits at 4; with codebooks alone, the most bits that fit), channels and blocks kept."""
     space = problem.space
-    dims = {d.name: d for d in space.dimensions}
-    any_density = next((dims[n] for n in space.density_layers.values()), None)
-    densities = ([round(any_density.high - i * any_density.step, 6)
-                  for i in range(round((any_density.high - any_density.low) / any_density.step) + 1)]
-                 if any_density is not None else [1.0])
+    steps = round((1.0 - DENSITY_LOW) / DENSITY_STEP) if space.density_layers else 0
+    densities = [round(1.0 - i * DENSITY_STEP, 6) for i in range(steps + 1)]  # densest first
     widths = (list(range(UNIFORM_BITS, BITS_LOW - 1, -1)) if space.density_layers else
               list(range(BITS_HIGH, BITS_LOW - 1, -1)) if space.codebook_layers else [UNIFORM_BITS])
     for bits in widths:
@@ -308,7 +304,7 @@ def _weight_sensitivity_policy(problem: PruningProblem, model: nn.Module) -> dic
     from ..sparse.sensitivity import plan, scan
 
     space, c = problem.space, problem.config
-    result = scan(copy.deepcopy(model).eval(), held_out_loader(problem.data, 256, c.seed), batches=2)
+    result = scan(model, held_out_loader(problem.data, 256, c.seed), batches=2)  # it restores every weight it prunes
     for target in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95):
         shape, _ = plan(result, target, "same", model)
         per_dim: dict[str, list[float]] = {}

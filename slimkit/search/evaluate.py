@@ -268,27 +268,18 @@ def measured_ratio(reference: nn.Module, candidate: nn.Module, example: torch.Te
     return max(measured_ratios(reference, candidate, example, runtime, batch_sizes, threads, repeats).values())
 
 
-def file_bytes(model: nn.Module) -> int:
-    """Bytes of the model's artifact on disk (written to a temporary file)."""
+def file_bytes(model: nn.Module, packed: bool = False) -> int:
+    """Bytes of the model on disk (written to a temporary file): its artifact, or with ``packed`` the file
+    ``slimkit pack`` writes (sparse indices, codebooks, Huffman), what a sparse or shared-weight model costs."""
     import os
     import tempfile
 
     from ..artifact import save
-
-    with tempfile.TemporaryDirectory(prefix="slimkit-size-") as tmp:
-        return os.path.getsize(save(model, os.path.join(tmp, "m.safetensors")))
-
-
-def packed_bytes(model: nn.Module) -> int:
-    """Bytes of the model packed as ``slimkit pack`` writes it (sparse indices, codebooks, Huffman; a temporary
-    file): what a sparse or shared-weight model costs on disk."""
-    import os
-    import tempfile
-
     from ..sparse import pack
 
     with tempfile.TemporaryDirectory(prefix="slimkit-size-") as tmp:
-        return os.path.getsize(pack(model, os.path.join(tmp, "m.slimpack")))
+        write, name = (pack, "m.slimpack") if packed else (save, "m.safetensors")
+        return os.path.getsize(write(model, os.path.join(tmp, name)))
 
 
 def finite(x: float) -> float:

@@ -186,9 +186,9 @@ class PruningProblem:
             violations.append(costs["params_ratio"] - c.target_params)
         if c.target_size is not None:
             from ..sparse.sizes import SIZE_MARGIN
-            from .evaluate import packed_bytes
+            from .evaluate import file_bytes
 
-            costs["bytes"] = packed_bytes(cand)
+            costs["bytes"] = file_bytes(cand, packed=True)
             costs["size_ratio"] = costs["bytes"] / self.bytes0
             # with a margin: the final file holds retrained weights, whose codes Huffman-code a little differently
             violations.append(costs["size_ratio"] - SIZE_MARGIN * c.target_size)

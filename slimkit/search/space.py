@@ -237,12 +237,8 @@ class PruningSpace:
         """
         from ..quant.core import quantizable_layers
 
-        out = []
-        for name in quantizable_layers(candidate):
-            owner = next((n for n in self.int8_layers if name == n or name.startswith(n + ".")), None)
-            if owner is None or not int(policy.get(self.int8_layers[owner], 0)):
-                out.append(name)
-        return out
+        flags = self.owned(self.int8_layers, policy, quantizable_layers(candidate), 0)
+        return [name for name, flag in flags.items() if not int(flag)]
 
     def clip(self, policy: dict) -> dict:
         """``policy`` restricted to this space's dimensions, each value clipped to its range and grid."""
@@ -269,18 +265,20 @@ class PruningSpace:
         if ranks:
             _decompose(work, ranks)
         if self.density_layers or self.codebook_layers:
-            weight_stages(work, self.owned(self.density_layers, policy, work, 1.0),
-                          self.owned(self.codebook_layers, policy, work, None), hold=hold)
+            from ..sparse.masks import prunable_layers
+
+            names = [n for n, _ in prunable_layers(work)]
+            weight_stages(work, self.owned(self.density_layers, policy, names, 1.0),
+                          self.owned(self.codebook_layers, policy, names, None), hold=hold)
         return work.eval()
 
-    def owned(self, table: dict[str, str], policy: dict, candidate: nn.Module, default) -> dict:
-        """Each conv/linear layer of ``candidate`` with the value ``policy`` gives the original layer it comes
-        from in ``table`` (a decomposed layer's factors follow the layer they replace; a removed block's layers
-        are gone); ``default`` where the policy has none."""
-        from ..sparse.masks import prunable_layers
-
+    @staticmethod
+    def owned(table: dict[str, str], policy: dict, names: list[str], default) -> dict:
+        """Each layer of a candidate (``names``) with the value ``policy`` gives the original layer it comes from in
+        ``table`` (layer -> dimension): a decomposed layer's factors follow the layer they replace; ``default``
+        for a layer the original lacks or a dimension the policy does not set."""
         out = {}
-        for name, _ in prunable_layers(candidate):
+        for name in names:
             owner = next((n for n in table if name == n or name.startswith(n + ".")), None)
             out[name] = policy.get(table[owner], default) if owner is not None else default
         return out
