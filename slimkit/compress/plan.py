@@ -2,8 +2,9 @@
 
 * ``latency`` on a runtime: the search over channel keep ratios and residual blocks, with each
   candidate's latency taken from a per-layer table measured on that runtime and the finalists
-  timed whole; a KD fine-tune from the original; int8 when that runtime runs it measurably faster
-  and accuracy holds; export and verification in the runtime.
+  timed whole; the searched model timed as it will be delivered (int8 included) and searched again at a
+  budget tightened by the shortfall when it misses; a KD fine-tune from the original; int8 when that
+  runtime runs it measurably faster and accuracy holds; export and verification in the runtime.
 * ``macs``: the same search under a MAC budget (counted, so no timing), and beside it low-rank
   decomposition (Tucker-2, Kim et al. 2016) with ranks allocated to the same budget and re-fitted
   layer by layer; both get the same short KD pilot and the better on validation is fine-tuned with
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import CompressConfig
+from .job import RESEARCH_SHARE
 
 SEARCH_SHARE = 0.35  # of the time budget; the fine-tune gets FINETUNE_SHARE, the rest measures, exports, reports
 FINETUNE_SHARE = 0.5
@@ -145,6 +147,11 @@ def make_plan(model: nn.Module, config: CompressConfig, example: torch.Tensor, d
     elif kind == "latency":
         why.append(f"no int8: {'--quantize never' if config.quantize == 'never' else config.runtime} "
                    + ("was asked" if config.quantize == "never" else "has no int8 path in slimkit"))
+    if kind == "latency":
+        as_int8 = " (int8 where it gains)" if int8 else ""
+        why.append(f"the searched model is then timed whole as it will be delivered{as_int8}; "
+                   f"if it misses the target, the search runs again at a budget tightened by the shortfall "
+                   f"({RESEARCH_SHARE:.0%} of the search time is kept for it)")
     steps = ["search", "finetune", "quantize", "export", "measure", "report"]
     pilot = 0
     if kind == "macs":
