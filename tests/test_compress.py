@@ -173,21 +173,23 @@ def test_a_searched_model_that_misses_the_target_as_delivered_is_searched_again_
 
     monkeypatch.setattr(plan, "int8_ratios", lambda *a, **k: {64: 0.3})
     model, data, _ = trained
-    cfg = CompressConfig(target="latency=0.35", runtime="onnxruntime", batch_sizes=(64,), trials=6,
+    cfg = CompressConfig(target="latency=0.42", runtime="onnxruntime", batch_sizes=(64,), trials=6,
                          finetune_epochs=1, max_drop=100)
     lines: list[str] = []
     report = compress(model, "digits", cfg, str(tmp_path), data=data, log=lines.append, progress=False, check=False)
     assert report["plan"]["search_fraction"] == pytest.approx(0.95)
     rounds = json.load(open(tmp_path / "compress.json"))["steps"]["search"]["rounds"]
-    assert [r["folder"] for r in rounds] == ["search", "search-2"]
+    assert [r["folder"] for r in rounds] == ["search", "search-2"], "\n".join(lines[-30:])
     first, second = rounds
-    assert first["delivered_as"] == "int8" and first["delivered"] == first["int8_ratio"] > 0.98 * 0.35
-    assert second["fraction"] == pytest.approx(first["fraction"] * 0.95 * 0.35 / first["delivered"])
+    assert first["delivered_as"] == "int8" and first["delivered"] == first["int8_ratio"] > 0.98 * 0.42
+    assert second["fraction"] == pytest.approx(first["fraction"] * 0.95 * 0.42 / first["delivered"])
+    assert first["trials"] == 6 and second["trials"] <= 2  # given trials, the second search gets 30% of them
     assert any(line.startswith("the searched model delivers") for line in lines)
     assert any(line.startswith("warm start results.json:") for line in lines)  # the first search's front
     assert "(from the study's table)" in "\n".join(lines)  # the latency table is not measured again
     # the model the fine-tune continued is the kept round's
-    met = [r for r in rounds if r["delivered"] <= 0.35]
+    # the best proxy of those within 0.98 of the target, else of those within it, else the faster
+    met = ([r for r in rounds if r["delivered"] <= 0.98 * 0.42] or [r for r in rounds if r["delivered"] <= 0.42])
     kept = max(met, key=lambda r: r["proxy"]) if met else min(rounds, key=lambda r: r["delivered"])
     a = slimkit.load(str(tmp_path / "steps" / "search.safetensors")).state_dict()
     b = slimkit.load(str(tmp_path / kept["folder"] / "model.safetensors")).state_dict()

@@ -256,8 +256,8 @@ def _report(job, plan: dict, seconds: float) -> dict:
         rec = job.state["steps"].get(name)
         if rec is None or name == "measure":
             continue
-        cfg = {k: rec[k] for k in ("chosen", "epochs", "used", "reason", "latency_ratio_vs_float", "format",
-                                   "passed", "bytes") if k in rec}
+        cfg = {k: rec[k] for k in ("chosen", "rounds", "note", "epochs", "used", "reason", "latency_ratio_vs_float",
+                                   "format", "passed", "bytes") if k in rec}
         stages.append({"name": name, "config": cfg, "metrics": rec.get("metrics", {}), "seconds": rec.get("seconds")})
     files = {"artifact": job.path("model.safetensors")}
     if export.get("path"):

@@ -66,7 +66,10 @@ class Job:
         so a crafted ``compress.json`` cannot make the job load another file."""
         from ..artifact import load
 
-        return load(self.path("steps", f"{name}.safetensors")).eval()
+        path = self.path("steps", f"{name}.safetensors")
+        if name == "search" and not os.path.exists(path):  # a job started before the search step saved it there
+            path = self.path("search", "model.safetensors")
+        return load(path).eval()
 
     def pruned(self) -> bool:
         """Whether the result comes from the pruning search (for a MACs target the decomposed model may win)."""
@@ -156,27 +159,28 @@ def step_search(job: Job, plan: dict) -> dict:
     seconds = plan.get("search_seconds")
     if not rounds:
         share = (1 - RESEARCH_SHARE) if closed_loop and seconds else 1.0
-        rounds.append(_search_round(job, plan, "search", rec.get("relaxed_to", plan.get("search_fraction",
-                                                                                            c.fraction)),
-                                    seconds * share if seconds else None, relax=True))
+        fraction = rec.get("relaxed_to", plan.get("search_fraction", c.fraction))
+        rounds.append(_search_round(job, plan, "search", fraction, seconds * share if seconds else None,
+                                    relax=True)[0])
         job.save_state()
-    if closed_loop and len(rounds) == 1 and (rounds[0]["delivered"] or 0) > CHECK_MARGIN * c.fraction:
+    if (closed_loop and len(rounds) == 1 and "note" not in rec
+            and (rounds[0]["delivered"] or 0) > CHECK_MARGIN * c.fraction):
         first = rounds[0]
         tighter = first["fraction"] * AIM_MARGIN * c.fraction / first["delivered"]
         job.log(f"the searched model delivers {first['delivered']:.3f}x the original's latency "
                 f"({first['delivered_as']}), over the target {c.fraction:g}: searching again at {tighter:.3f} of "
                 "the float latency")
-        second = _search_round(job, plan, "search-2", tighter, seconds * RESEARCH_SHARE if seconds else None,
-                               warm=(os.path.join(job.path("search"), "results.json"),))
+        second, why = _search_round(job, plan, "search-2", tighter, seconds * RESEARCH_SHARE if seconds else None,
+                                    warm=(os.path.join(job.path("search"), "results.json"),))
         if second is not None:
             rounds.append(second)
-        else:
-            rec["note"] = f"the re-search at {tighter:.3f} is out of reach of the pruning space: the first kept"
+        else:  # recorded, so a resumed job does not try it again
+            rec["note"] = f"the second search at {tighter:.3f} found nothing ({why}): the first search is kept"
+            job.log(rec["note"])
         job.save_state()
-    met = [r for r in rounds if r["delivered"] is not None and r["delivered"] <= c.fraction]
-    best = max(met, key=lambda r: r["proxy"]) if met else min(rounds, key=lambda r: r["delivered"] or 1.0)
+    best = _best_round(rounds, c.fraction)
     # the folder names come from this function, never from the state file: a crafted compress.json loads nothing else
-    folder = job.path("search-2" if best["folder"] == "search-2" else "search")
+    folder = job.path("search-2" if best["folder"] == "search-2" else "search")  # not a path from the state
     results = read_json_file(os.path.join(folder, "results.json"), "search results")
     from ..artifact import load
 
@@ -193,11 +197,23 @@ def step_search(job: Job, plan: dict) -> dict:
     return out | {k: rec[k] for k in ("relaxed_to", "warning", "note") if k in rec}
 
 
+def _best_round(rounds: list[dict], target: float) -> dict:
+    """The round that goes on: the best proxy of those delivering under ``CHECK_MARGIN`` of the target (timing
+    noise and all), else of those within it, else the fastest."""
+    timed = [r for r in rounds if r["delivered"] is not None]
+    for limit in (CHECK_MARGIN * target, target):
+        met = [r for r in timed if r["delivered"] <= limit]
+        if met:
+            return max(met, key=lambda r: r["proxy"])
+    return min(timed, key=lambda r: r["delivered"]) if timed else rounds[0]
+
+
 def _search_round(job: Job, plan: dict, name: str, fraction: float, seconds: float | None, *, relax: bool = False,
-                  warm: tuple[str, ...] = ()) -> dict | None:
+                  warm: tuple[str, ...] = ()):
     """One search into ``OUT/NAME`` at ``fraction`` of the float cost; its record, with what the searched model
-    delivers for a latency target (see :func:`step_search`). A budget out of reach is relaxed (``relax``) or gives
-    None."""
+    delivers for a latency target (see :func:`step_search`), as ``(record, None)``. A budget out of reach is
+    relaxed (``relax``); otherwise a search that finds nothing gives ``(None, why)``.
+    Given a time budget, the second search runs for ``seconds``; given trials, for RESEARCH_SHARE of them."""
     import shutil
 
     from ..search import SearchConfig, search
@@ -210,11 +226,15 @@ def _search_round(job: Job, plan: dict, name: str, fraction: float, seconds: flo
         os.makedirs(folder, exist_ok=True)
         shutil.copyfile(first, os.path.join(folder, TABLE))  # the same model and runtime: not measured again
 
+    trials = plan["trials"] or 100_000
+    if name != "search" and plan["trials"]:
+        trials = max(1, round(plan["trials"] * RESEARCH_SHARE))
+
     def run(f: float) -> dict:
         cfg = SearchConfig(target_latency=f if c.kind == "latency" else None,
                            target_macs=f if c.kind == "macs" else None, runtime=c.runtime,
                            batch_sizes=tuple(c.batch_sizes), threads=job.threads, max_drop=c.max_drop / 100,
-                           trials=plan["trials"] or 100_000,
+                           trials=trials,
                            time_budget=f"{max(seconds, 10):.0f}s" if seconds else None,
                            warm_start=("uniform", *warm), finetune_epochs=0, quantize="never", seed=c.seed)
         resume = os.path.exists(os.path.join(folder, "search.json"))
@@ -223,11 +243,12 @@ def _search_round(job: Job, plan: dict, name: str, fraction: float, seconds: flo
 
     try:
         results = run(fraction)
-    except OutOfReach as e:
+    except SlimkitError as e:
+        if not relax:  # a tighter budget nothing measured meets: the first search stands
+            return None, str(e)
+        if not isinstance(e, OutOfReach):
+            raise
         reached = e.reached.get(c.kind)
-        if not relax:
-            job.log(f"search {name}: {e}")
-            return None
         if reached is None or reached >= 0.99:
             raise
         fraction = rec["relaxed_to"] = min(0.99, reached * 1.05)
@@ -242,7 +263,7 @@ def _search_round(job: Job, plan: dict, name: str, fraction: float, seconds: flo
         row.update(_delivered(job, plan, os.path.join(folder, "model.safetensors")))
     else:
         row["delivered"] = results["final"]["macs_ratio"]
-    return row
+    return row, None
 
 
 def _delivered(job: Job, plan: dict, path: str) -> dict:
