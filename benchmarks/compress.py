@@ -115,6 +115,13 @@ def main() -> None:
                     f"Speed-ups are against the float original in the same runtime, timed interleaved (median of "
                     f"pairs, 1 runtime thread). Accuracy: CIFAR-10 (JPEG), 10,000 test images. Read next to "
                     f"{HAND_TUNED.get(model, 'docs/prune.md')}.\n")
+            search = next((st for st in report["stages"] if st["name"] == "search"), {})
+            rounds = search.get("config", {}).get("rounds") or []
+            if rounds:
+                body += "\nSearch rounds (the searched model timed as delivered, before the fine-tune): " + "; ".join(
+                    f"{r['folder']} at {r['fraction']:.3f} of the float latency, {r['trials']} trials, proxy "
+                    f"{r['proxy']:.4f}, float {r.get('float_ratio') or 0:.3f}x, int8 {r.get('int8_ratio') or 0:.3f}x "
+                    f"-> delivers {r.get('delivered') or 0:.3f}x ({r.get('delivered_as')})" for r in rounds) + "\n"
             if report.get("warnings"):
                 body += "\nWarnings in its report: " + "; ".join(report["warnings"]) + "\n"
             record(f"compress-{model}-{target.split('=')[0]}", f"slimkit compress {model} --target {target}", body)
