@@ -77,6 +77,7 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
     from ..train import check_input
     from . import job as steps
     from .plan import make_plan, plan_text
+    from .search_step import step_search
 
     t_start = time.time()
     data = data if data is not None else load_data(data_spec, limit=limit, seed=config.seed)
@@ -93,7 +94,7 @@ def compress(model: nn.Module, data_spec: str, config: CompressConfig, out_dir: 
             job.save_state()
         plan = state["plan"]
         log(plan_text(plan))
-        run = {"search": steps.step_search, "decompose": steps.step_decompose, "choose": steps.step_choose,
+        run = {"search": step_search, "decompose": steps.step_decompose, "choose": steps.step_choose,
                "finetune": steps.step_finetune, "quantize": steps.step_quantize,
                "sparsity": steps.step_sparsity, "sparsify": steps.step_sparsify, "share": steps.step_share,
                "pack": steps.step_pack, "export": _step_export, "measure": _step_measure}

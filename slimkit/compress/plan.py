@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .config import CompressConfig
-from .job import RESEARCH_SHARE
+from .search_step import RESEARCH_SHARE
 
 SEARCH_SHARE = 0.35  # of the time budget; the fine-tune gets FINETUNE_SHARE, the rest measures, exports, reports
 FINETUNE_SHARE = 0.5
@@ -94,6 +94,7 @@ def make_plan(model: nn.Module, config: CompressConfig, example: torch.Tensor, d
     """
     from ..progress import duration
     from ..prune import find_blocks
+    from ..search import INT8_FASTER
 
     kind, fraction = config.kind, config.fraction
     budget = config.seconds
@@ -126,7 +127,7 @@ def make_plan(model: nn.Module, config: CompressConfig, example: torch.Tensor, d
         # int8 and pruning multiply: the search only needs to find what int8 will not give, so its budget is the
         # target over int8's measured gain on this model (the weakest batch size), with a margin
         ratios = int8_ratios(model, data, example, config.runtime, config.batch_sizes, threads, config.seed)
-        if ratios and max(ratios.values()) < 0.9:
+        if ratios and max(ratios.values()) < INT8_FASTER:
             search_fraction = min(0.95, fraction / max(ratios.values()) * INT8_MARGIN)
     families = ["channels"] + (["blocks"] if blocks else []) + (["int8"] if int8 else []) + ["kd"]
     why = [f"a {kind} target on {config.runtime if kind == 'latency' else 'the counted MACs'}: structured pruning "

@@ -39,9 +39,9 @@ from .problems import PROBLEMS, PruningProblem, QuadraticProblem
 from .space import Dimension, PruningSpace, policy_text
 from .study import SAMPLERS
 
-__all__ = ["EXPORT_FORMATS", "PROBLEMS", "SAMPLERS", "Dimension", "PruningProblem", "PruningSpace", "QuadraticProblem",
-           "SearchConfig", "export_verified", "int8_if_faster", "parse_duration", "policy_text", "retrain_weights",
-           "search"]
+__all__ = ["EXPORT_FORMATS", "INT8_FASTER", "PROBLEMS", "SAMPLERS", "Dimension", "PruningProblem", "PruningSpace",
+           "QuadraticProblem", "SearchConfig", "export_verified", "int8_if_faster", "parse_duration", "policy_text",
+           "retrain_weights", "search"]
 
 EXPORT_FORMATS = {"onnxruntime": "onnx", "openvino": "openvino", "torchscript": "torchscript"}
 
@@ -353,6 +353,9 @@ def _maybe_int8(problem: PruningProblem, model: nn.Module, log: Callable[[str], 
                           seed=c.seed, log=log)
 
 
+INT8_FASTER = 0.9  # int8 is used where it runs in at most this fraction of the float model's time
+
+
 def int8_if_faster(model: nn.Module, data, val, example, runtime: str, batch_sizes, threads: int, *, allowed: float,
                    always: bool = False, seed: int = 0, log: Callable[[str], None] = print):
     """int8 of ``model`` when ``runtime`` runs it faster (10% or more, measured) and validation top-1 holds.
@@ -382,7 +385,7 @@ def int8_if_faster(model: nn.Module, data, val, example, runtime: str, batch_siz
         log(f"int8: not used ({e})")
         return None, {"used": False, "reason": str(e)}
     drop = evaluate(model, val)["top1"] - evaluate(q, val)["top1"]
-    use = always or (ratio <= 0.9 and drop <= allowed)
+    use = always or (ratio <= INT8_FASTER and drop <= allowed)
     info = {"used": use, "latency_ratio_vs_float": ratio, "val_top1_drop": drop}
     log(f"int8 in {runtime}: {ratio:.3f}x the float latency, validation top-1 -{drop * 100:.2f} points: "
         + ("used" if use else "not used"))
